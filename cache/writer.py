@@ -1,0 +1,60 @@
+"""A background writer, so the teacher never waits on compression or storage."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from types import TracebackType
+
+import numpy as np
+
+from kdcache import schema
+from kdcache.store import Cache
+
+log = logging.getLogger(__name__)
+
+
+class UnitWriter:
+    """Writes finished work units from a thread; a bounded queue applies back-pressure.
+
+    Use as a context manager: leaving the block waits for every submitted unit to be committed
+    and re-raises the first write error in the caller's thread.
+    """
+
+    def __init__(self, cache: Cache, max_pending: int = 4):
+        self.cache = cache
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kdcache-writer", daemon=True)
+
+    def __enter__(self) -> UnitWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, epoch: int, unit: int, rows: dict[str, np.ndarray]) -> int:
+        """Queue one work unit; returns its number of bad-input rows."""
+        self._raise_if_failed()
+        self._queue.put((epoch, unit, rows))
+        return int((rows["status"] == schema.BAD_INPUT).sum())
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                epoch, unit, rows = item
+                try:
+                    self.cache.write_unit(epoch, unit, rows)
+                    log.debug("committed epoch %d unit %d", epoch, unit)
+                except BaseException as e:  # surfaced in the main thread
+                    self._error = e
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc is None:
+            self._raise_if_failed()

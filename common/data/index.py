@@ -1,0 +1,214 @@
+"""The dataset index: stable global sample indices ``0..N-1`` grouped into units (tar shards).
+
+``kdcache index DATA`` reads every shard once and records, per unit, its sample count and a
+content hash of its bytes, and per sample the key's hash, the label and the image's size (the
+views need the size before anything is decoded). The fingerprint covers unit base names, counts
+and content hashes, not paths, so a copy of the shards elsewhere has the same fingerprint.
+
+The index is saved next to the shards (``_kdcache_index-<hash>.npz``) when that directory is
+writable, else in the user cache directory; every cache also holds its own copy of the per-sample
+arrays. A saved index is rebuilt when a shard's size or modification time changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from kdcache.data.webdataset import expand_data, read_unit
+from kdcache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+
+
+def key_hash(key: str) -> int:
+    """blake2b-64 of a sample key, as an unsigned int (stable across runs and machines)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def image_size(data: bytes | None) -> tuple[int, int]:
+    """(height, width) from the image header; (0, 0) when there is no readable image."""
+    if not data:
+        return 0, 0
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+        return height, width
+    except (OSError, ValueError, SyntaxError):
+        return 0, 0
+
+
+@dataclass
+class Unit:
+    """One shard: where it is, its first global index, sample count and content hash."""
+
+    name: str
+    url: str
+    start: int
+    count: int
+    content_hash: str
+    bytes: int
+    mtime_ns: int
+
+
+class DatasetIndex:
+    """Per-sample arrays in global order plus the unit table.
+
+    key_hash: (N,) uint64; label: (N,) int64, -1 when missing; size: (N, 2) int64 (height,
+    width), (0, 0) when the image is unreadable.
+    """
+
+    def __init__(self, units: list[Unit], key_hash: np.ndarray, label: np.ndarray,
+                 size: np.ndarray):
+        self.units = units
+        self.key_hash = np.asarray(key_hash, dtype=np.uint64)
+        self.label = np.asarray(label, dtype=np.int64)
+        self.size = np.asarray(size, dtype=np.int64).reshape(-1, 2)
+        self._starts = np.array([u.start for u in units], dtype=np.int64)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.key_hash)
+
+    @property
+    def counts(self) -> list[int]:
+        return [u.count for u in self.units]
+
+    @property
+    def num_classes(self) -> int:
+        """Largest label + 1 (0 when no sample has a label)."""
+        return int(self.label.max()) + 1 if self.num_samples and self.label.max() >= 0 else 0
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for u in self.units:
+            h.update(f"{os.path.basename(u.url)}\0{u.count}\0{u.content_hash}\n".encode())
+        return h.hexdigest()[:32]
+
+    def unit_index_of(self, i: int) -> int:
+        """The unit holding global sample ``i``."""
+        return int(np.searchsorted(self._starts, i, side="right") - 1)
+
+    def describe(self) -> dict:
+        """Unit table for cache attributes and ``--json`` output (no paths)."""
+        return {"fingerprint": self.fingerprint, "num_samples": self.num_samples,
+                "units": [{"name": u.name, "count": u.count, "content_hash": u.content_hash,
+                           "start": u.start} for u in self.units]}
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        meta = {"version": INDEX_VERSION, "units": [asdict(u) for u in self.units]}
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), key_hash=self.key_hash,
+                     label=self.label, size=self.size)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> DatasetIndex:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("version") != INDEX_VERSION:
+                raise ValueError(f"index version {meta.get('version')}")
+            return cls([Unit(**u) for u in meta["units"]], z["key_hash"], z["label"], z["size"])
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _index_path_candidates(urls: list[str]) -> list[str]:
+    names = hashlib.sha256("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()
+    here = os.path.join(os.path.dirname(os.path.abspath(urls[0])), f"_kdcache_index-{names[:12]}.npz")
+    where = hashlib.sha256("\n".join(os.path.abspath(u) for u in urls).encode()).hexdigest()
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return [here, os.path.join(cache_home, "kdcache", "index", f"{where[:24]}.npz")]
+
+
+def build_index(urls: list[str], progress: Callable[[int], None] | None = None) -> DatasetIndex:
+    """Read every shard once. progress: called with each finished shard's sample count."""
+    units, keys, labels, sizes = [], [], [], []
+    seen: dict[int, str] = {}
+    start = 0
+    for url in urls:
+        samples = read_unit(url)
+        stat = os.stat(url)
+        name = os.path.basename(url)
+        units.append(Unit(name, os.path.abspath(url), start, len(samples), _hash_file(url),
+                          stat.st_size, stat.st_mtime_ns))
+        for s in samples:
+            h = key_hash(s.key)
+            if h in seen:
+                log.warning("sample key %r appears in %s and %s; keys should be unique",
+                            s.key, seen[h], name)
+            seen[h] = name
+            keys.append(h)
+            labels.append(s.label)
+            sizes.append(image_size(s.data))
+        start += len(samples)
+        if progress:
+            progress(len(samples))
+    return DatasetIndex(units, np.array(keys, dtype=np.uint64), np.array(labels, dtype=np.int64),
+                        np.array(sizes, dtype=np.int64).reshape(-1, 2))
+
+
+def _fresh(index: DatasetIndex, urls: list[str]) -> bool:
+    if [u.url for u in index.units] != [os.path.abspath(u) for u in urls]:
+        return False
+    for u in index.units:
+        try:
+            stat = os.stat(u.url)
+        except OSError:
+            return False
+        if stat.st_size != u.bytes or stat.st_mtime_ns != u.mtime_ns:
+            return False
+    return True
+
+
+def load_index(data: str, rebuild: bool = False,
+               progress: Callable[[int], None] | None = None) -> DatasetIndex:
+    """The index of DATA: the saved one when still fresh, else built now and saved."""
+    urls = expand_data(data)
+    candidates = _index_path_candidates(urls)
+    if not rebuild:
+        for path in candidates:
+            if os.path.exists(path):
+                try:
+                    index = DatasetIndex.load(path)
+                except (OSError, ValueError, KeyError) as e:
+                    log.warning("ignoring unreadable index %s: %s", path, e)
+                    continue
+                if _fresh(index, urls):
+                    return index
+                log.info("index %s is stale (shards changed); re-indexing", path)
+    log.info("indexing %d shards of %s", len(urls), data)
+    index = build_index(urls, progress)
+    for path in candidates:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            index.save(path)
+            log.info("saved index to %s", path)
+            break
+        except OSError as e:
+            log.debug("cannot save index to %s: %s", path, e)
+    else:
+        log.warning("could not save the index of %s anywhere; it will be rebuilt next time", data)
+    if index.num_samples == 0:
+        raise KdcacheError(f"{data} holds no samples")
+    return index

@@ -1,0 +1,98 @@
+"""The cache schema: array names, dtypes, fill values, layout and the schema version.
+
+Both stages use this module and nothing else to know what a cache holds. ``docs/cache-format.md``
+is its prose twin; change the two together and bump :data:`SCHEMA_VERSION` when a reader of the
+old version could misread the new layout.
+
+Layout. Rows are ``unit * slot + position``: each unit (tar shard) owns a slot of ``slot`` rows
+(its largest unit rounded up to ``chunk_rows``; unused rows are padding) and one Zarr shard is
+exactly one (epoch, slot), so a work unit (epoch, unit) is written whole by one writer and no two
+units ever share a shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "kdcache"
+
+# Row status.
+PADDING, OK, BAD_INPUT = 0, 1, 2
+STATUS_NAMES = {PADDING: "padding", OK: "ok", BAD_INPUT: "bad input"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array. ``trailing`` is the shape after (epoch, row) or (row,)."""
+
+    name: str
+    dtype: str
+    fill: float | int | bool
+    trailing: tuple[int | str, ...] = ()  # "k" is replaced by top-k
+    per_epoch: bool = True
+    doc: str = ""
+
+
+ROW_FIELDS: tuple[Field, ...] = (
+    Field("seed", "uint32", 0, doc="low 32 bits of the view's generator key"),
+    Field("box", "uint16", 0, (4,), doc="own crop (top, left, height, width), source pixels"),
+    Field("flip", "bool", False, doc="own horizontal flip"),
+    Field("partner", "int32", -1, doc="global index of the mixing partner, -1 when not mixed"),
+    Field("partner_box", "uint16", 0, (4,), doc="partner's crop (top, left, height, width)"),
+    Field("partner_flip", "bool", False, doc="partner's horizontal flip"),
+    Field("lam", "float16", 1.0, doc="weight of the sample's own image, 1 when not mixed"),
+    Field("topk_logits", "float16", 0.0, ("k",), doc="teacher's k largest logits, descending"),
+    Field("topk_index", "int16", 0, ("k",), doc="their class indices (int32 when C > 32767)"),
+    Field("lse", "float32", 0.0, doc="log-sum-exp of the teacher's full logits"),
+    Field("status", "uint8", PADDING, doc="0 padding, 1 ok, 2 bad input"),
+)
+SAMPLE_FIELDS: tuple[Field, ...] = (
+    Field("key_hash", "uint64", 0, per_epoch=False, doc="blake2b-64 of the sample's key"),
+    Field("label", "int32", -1, per_epoch=False, doc="dataset label, -1 when missing"),
+    Field("size", "int32", 0, (2,), per_epoch=False,
+          doc="decoded image (height, width); (0, 0) when unreadable"),
+)
+VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
+DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit
+
+
+def index_dtype(num_classes: int) -> str:
+    """Class-index dtype: int16 when every class fits, else int32."""
+    return "int16" if num_classes <= 32767 else "int32"
+
+
+def field_dtype(field: Field, num_classes: int) -> np.dtype:
+    if field.name == "topk_index":
+        return np.dtype(index_dtype(num_classes))
+    return np.dtype(field.dtype)
+
+
+def trailing_shape(field: Field, k: int) -> tuple[int, ...]:
+    return tuple(k if d == "k" else int(d) for d in field.trailing)
+
+
+def slot_size(max_unit_count: int, chunk_rows: int) -> int:
+    """Rows owned by each unit: the largest unit, rounded up to whole chunks."""
+    return max(1, -(-max_unit_count // chunk_rows)) * chunk_rows
+
+
+def default_chunk_rows(max_unit_count: int) -> int:
+    """Chunk length along rows: 1024, or the largest unit rounded up to 64 when smaller."""
+    return min(1024, max(64, -(-max_unit_count // 64) * 64))
+
+
+# Group attributes that say what a cache *is*. Two precompute runs may only write to the same
+# cache when all of these agree; the trainer checks the ones it can know.
+IDENTITY_KEYS = (
+    "data_fingerprint",
+    "teacher_weights_hash",
+    "teacher",
+    "views",
+    "plan_seed",
+    "topk",
+    "num_classes",
+    "teacher_image_size",
+)

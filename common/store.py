@@ -1,0 +1,235 @@
+"""The teacher cache on disk: create, open, read a unit, write a unit, mark it done.
+
+One work unit is one (epoch, unit): its rows are written whole (every row array, one Zarr shard
+each), then its cell of the ``done`` array is set. A unit without its done mark is not in the
+cache, whatever shard files exist: a killed writer can leave complete shards of some arrays but
+never a unit that reads as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from kdcache import schema
+from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.views import ViewSpec
+
+log = logging.getLogger(__name__)
+
+
+def _compressors() -> list:
+    # blosc-zstd with byte shuffle packs top-k rows ~10 % tighter than plain zstd (REFERENCES);
+    # crc32c on every chunk lets readers tell damage from data.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+class Cache:
+    """An open cache. Array handles are opened lazily, so the object pickles into workers."""
+
+    def __init__(self, path: str, mode: str = "r"):
+        self.path = str(path)
+        self.mode = mode
+        self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.meta: dict[str, Any] = dict(self.group.attrs.get(schema.FORMAT_NAME) or {})
+        if not self.meta:
+            raise KdcacheError(f"{self.path} is a Zarr group but not a kdcache cache")
+        _check_schema_version(self.path, self.meta)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mode": self.mode, "meta": self.meta}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _group=None, _arrays={})
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(self.path, mode="r" if self.mode == "r" else "r+")
+        return self._group
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    # -- layout ----------------------------------------------------------------------------
+
+    @property
+    def units(self) -> list[dict[str, Any]]:
+        return self.meta["data"]["units"]
+
+    @property
+    def slot(self) -> int:
+        return int(self.meta["slot"])
+
+    @property
+    def epochs(self) -> int:
+        """Epochs allocated (complete or not)."""
+        return int(self.array(schema.DONE_ARRAY).shape[0])
+
+    @property
+    def topk(self) -> int:
+        return int(self.meta["topk"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def spec(self) -> ViewSpec:
+        return ViewSpec.from_dict(self.meta["views"])
+
+    @property
+    def plan_seed(self) -> int:
+        return int(self.meta["plan_seed"])
+
+    def unit_rows(self, unit: int) -> slice:
+        start = unit * self.slot
+        return slice(start, start + int(self.units[unit]["count"]))
+
+    # -- progress --------------------------------------------------------------------------
+
+    def done_mask(self) -> np.ndarray:
+        """(epochs, units) bool: which work units are committed."""
+        return self.array(schema.DONE_ARRAY)[...].astype(bool)
+
+    def complete_epochs(self) -> list[int]:
+        return [int(e) for e in np.flatnonzero(self.done_mask().all(axis=1))]
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def read_unit(self, epoch: int, unit: int, fields: tuple[str, ...] | None = None
+                  ) -> dict[str, np.ndarray]:
+        """The unit's rows of one epoch: one contiguous read per array, (count, ...) each."""
+        rows = self.unit_rows(unit)
+        names = fields or tuple(f.name for f in schema.ROW_FIELDS)
+        return {name: self.array(name)[epoch, rows] for name in names}
+
+    def read_samples(self, unit: int) -> dict[str, np.ndarray]:
+        rows = self.unit_rows(unit)
+        return {f.name: self.array(f.name)[rows] for f in schema.SAMPLE_FIELDS}
+
+    def write_unit(self, epoch: int, unit: int, rows: Mapping[str, np.ndarray]) -> None:
+        """Write one (epoch, unit) whole, then mark it done. ``rows``: every row field, (count, ...)."""
+        count = int(self.units[unit]["count"])
+        start = unit * self.slot
+        for field in schema.ROW_FIELDS:
+            arr = self.array(field.name)
+            data = np.asarray(rows[field.name], dtype=arr.dtype)
+            if data.shape[0] != count:
+                raise ValueError(f"{field.name}: {data.shape[0]} rows for a unit of {count}")
+            full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
+            full[:count] = data
+            arr[epoch, start:start + self.slot] = full  # exactly one shard
+        self.array(schema.DONE_ARRAY)[epoch, unit] = 1
+
+    def extend(self, epochs: int) -> None:
+        """Allocate ``epochs`` epochs in total (metadata only: no row is rewritten)."""
+        if epochs <= self.epochs:
+            return
+        for field in schema.ROW_FIELDS:
+            arr = self.array(field.name)
+            arr.resize((epochs, *arr.shape[1:]))
+        done = self.array(schema.DONE_ARRAY)
+        done.resize((epochs, done.shape[1]))
+        log.info("extended %s to %d epochs", self.path, epochs)
+
+    # -- identity --------------------------------------------------------------------------
+
+    def check_identity(self, expected: Mapping[str, Any], what: str = "this job") -> None:
+        """Refuse when any identity attribute differs, naming each one and both values."""
+        diffs = [
+            f"{key}: cache has {self.meta.get(key)!r}, {what} has {value!r}"
+            for key, value in expected.items()
+            if value is not None and self.meta.get(key) != value
+        ]
+        if diffs:
+            raise CacheMismatchError(
+                f"cache {self.path} was made differently from {what}: " + "; ".join(diffs)
+                + ". Use a new --out/--cache path, or the settings the cache was made with."
+            )
+
+
+def _check_schema_version(path: str, meta: Mapping[str, Any]) -> None:
+    version = int(meta.get("schema_version", 0))
+    if version > schema.SCHEMA_VERSION:
+        raise KdcacheError(
+            f"cache {path} has schema version {version}, written by kdcache "
+            f"{meta.get('versions', {}).get('kdcache', '?')}; this kdcache reads up to version "
+            f"{schema.SCHEMA_VERSION}. Upgrade kdcache to read it."
+        )
+
+
+def create_cache(
+    path: str,
+    meta: dict[str, Any],
+    sample_rows: Mapping[str, np.ndarray],
+    epochs: int,
+    chunk_rows: int | None = None,
+) -> Cache:
+    """Create an empty cache group with every array allocated for ``epochs`` epochs.
+
+    meta: the ``kdcache`` group attributes; ``meta["data"]["units"]`` (name, count, ...) fixes the
+        layout, ``meta["topk"]`` and ``meta["num_classes"]`` the row widths.
+    sample_rows: the per-sample fields (``key_hash``, ``label``) in global index order, (N,).
+    """
+    units = meta["data"]["units"]
+    max_count = max(int(u["count"]) for u in units)
+    chunk_rows = chunk_rows or schema.default_chunk_rows(max_count)
+    slot = schema.slot_size(max_count, chunk_rows)
+    meta = {**meta, "slot": slot, "chunk_rows": chunk_rows,
+            "schema_version": schema.SCHEMA_VERSION}
+    rows = slot * len(units)
+    try:
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+        raise KdcacheError(f"{path} already exists and is not a kdcache cache; "
+                           "choose another --out") from None
+    except PermissionError as e:
+        raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
+    k, c = int(meta["topk"]), int(meta["num_classes"])
+    for field in schema.ROW_FIELDS:
+        trail = schema.trailing_shape(field, k)
+        group.create_array(
+            field.name, shape=(epochs, rows, *trail), dtype=schema.field_dtype(field, c),
+            chunks=(1, chunk_rows, *trail), shards=(1, slot, *trail),
+            compressors=_compressors(), fill_value=field.fill,
+            dimension_names=("epoch", "row", *[f"d{i}" for i in range(len(trail))]),
+        )
+    for field in schema.SAMPLE_FIELDS:
+        trail = schema.trailing_shape(field, k)
+        arr = group.create_array(
+            field.name, shape=(rows, *trail), dtype=field.dtype, chunks=(slot, *trail),
+            compressors=_compressors(), fill_value=field.fill,
+            dimension_names=("row", *[f"d{i}" for i in range(len(trail))]),
+        )
+        full = np.full((rows, *trail), field.fill, dtype=field.dtype)
+        for u, unit in enumerate(units):
+            start = int(unit["start"])
+            full[u * slot: u * slot + int(unit["count"])] = sample_rows[field.name][
+                start: start + int(unit["count"])]
+        arr[:] = full
+    group.create_array(schema.DONE_ARRAY, shape=(epochs, len(units)), dtype="uint8",
+                       chunks=(1, 1), fill_value=0, compressors=None,
+                       dimension_names=("epoch", "unit"))
+    group.attrs[schema.FORMAT_NAME] = meta
+    log.info("created cache %s: %d units x %d rows, %d epochs", path, len(units), slot, epochs)
+    return Cache(path, mode="a")
+
+
+def open_cache(path: str, mode: str = "r") -> Cache:
+    """Open an existing cache for reading (``mode="r"``) or appending (``"a"``)."""
+    if "://" not in str(path) and not os.path.exists(path):
+        raise KdcacheError(f"no cache at {path}; make one with `kdcache precompute --out {path}`")
+    try:
+        return Cache(path, mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise KdcacheError(f"{path} is not a Zarr group (is it a kdcache cache?)") from None
