@@ -24,7 +24,7 @@ class TrainConfig:
     teacher_weights: str | None = None
     student_weights: str | None = None
     views: str | None = None  # default: the cache's preset, or function_matching
-    plan_seed: int = 0
+    plan_seed: int | None = None  # default: the cache's, or 0
     seed: int = 0
     image_size: int = 224
     teacher_image_size: int | None = None  # default: the cache's, or image_size

@@ -1,0 +1,264 @@
+"""The student loop: one data path for every teacher mode, targets from where the mode says.
+
+``fit(cfg)`` trains ``cfg.epochs`` epochs and writes the run directory: ``config.json``,
+``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (every epoch, written
+atomically; ``--resume`` continues from it) and ``model.pt`` (the student's state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache import targets as T
+from kdcache.data.index import DatasetIndex, load_index
+from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.models import create_model, weights_hash
+from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
+from kdcache.store import Cache, open_cache
+from kdcache.views import ViewSpec, get_spec
+
+from kdcache.train.config import TrainConfig
+from kdcache.train.evaluate import evaluate
+from kdcache.train.plan import epoch_order, rank_batches
+from kdcache.train.stream import StreamSpec, TrainBatches
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[int, int, int, float], None]  # (epoch, step, steps, loss)
+EpochHook = Callable[[dict[str, Any]], None]  # the epoch's metrics
+
+
+@dataclass
+class _Run:
+    """What the options resolve to before the first step."""
+
+    index: DatasetIndex
+    val: DatasetIndex
+    num_classes: int
+    spec: ViewSpec
+    plan_seed: int
+    cache: Cache | None
+    cache_epochs: list[int]
+    teacher: torch.nn.Module | None
+    teacher_image_size: int
+
+
+def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
+    index = load_index(cfg.data)
+    val = load_index(cfg.val)
+    cache, cache_epochs = None, []
+    if cfg.teacher_mode == "cached":
+        cache = open_cache(cfg.cache)
+        _check_cache(cache, cfg, index)
+        cache_epochs = cache.complete_epochs()
+        if not cache_epochs:
+            raise KdcacheError(f"cache {cfg.cache} has no complete epoch yet; finish it with "
+                               "`kdcache precompute` (re-run the same command)")
+        if cfg.epochs > len(cache_epochs):
+            log.warning("the cache holds %d complete epochs and the run has %d: cached epochs "
+                        "are cycled (student epoch e replays cache epoch e mod %d)",
+                        len(cache_epochs), cfg.epochs, len(cache_epochs))
+        num_classes = cache.num_classes
+        spec, plan_seed = cache.spec, cache.plan_seed
+        teacher_size = int(cache.meta["teacher_image_size"])
+    else:
+        num_classes = cfg.num_classes or max(index.num_classes, val.num_classes)
+        spec = get_spec(cfg.views or "function_matching")
+        plan_seed = cfg.plan_seed or 0
+        teacher_size = cfg.teacher_image_size or cfg.image_size
+    if cfg.num_classes and cfg.num_classes != num_classes:
+        raise KdcacheError(f"--num-classes {cfg.num_classes} differs from the cache's "
+                           f"{num_classes} classes")
+    if num_classes < 2:
+        raise KdcacheError(f"{cfg.data} has {num_classes} labelled classes; set --num-classes")
+    teacher = None
+    if cfg.teacher:
+        teacher = create_model(cfg.teacher, num_classes, cfg.teacher_weights)
+        if cache is not None:
+            cache.check_identity({"teacher": cfg.teacher,
+                                  "teacher_weights_hash": weights_hash(teacher)},
+                                 what="--teacher")
+        teacher = prepare_model(teacher, device, eval_mode=True)
+    return _Run(index, val, num_classes, spec, plan_seed, cache, cache_epochs, teacher,
+                teacher_size)
+
+
+def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
+    """Refuse a cache made from other data or with other views than this run asks for."""
+    expected: dict[str, Any] = {"data_fingerprint": index.fingerprint}
+    if cfg.views is not None and cfg.views != cache.spec.name:
+        raise CacheMismatchError(
+            f"--views {cfg.views} asked for, but cache {cache.path} holds {cache.spec.name} "
+            "views; in cached mode the cache decides: drop --views or use another cache")
+    if cfg.plan_seed is not None:
+        expected["plan_seed"] = cfg.plan_seed
+    if cfg.teacher_image_size is not None:
+        expected["teacher_image_size"] = cfg.teacher_image_size
+    try:
+        cache.check_identity(expected, what="the training data")
+    except CacheMismatchError as e:
+        raise CacheMismatchError(
+            f"{e} (data {cfg.data}: {index.num_samples} samples in {len(index.units)} shards; "
+            f"cache: {cache.meta['data']['num_samples']} samples in "
+            f"{len(cache.units)} shards)") from None
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up from 0, then cosine decay to 0 (as in big_vision's distill configs)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.SparseTarget:
+    if cfg.teacher_mode == "cached":
+        return T.from_topk(item["topk_logits"], item["topk_index"], item["lse"],
+                           run.num_classes).to(device, non_blocking=True)
+    if cfg.teacher_mode == "online":
+        return T.from_logits(teacher_logits(run.teacher, item["teacher_pixels"], device))
+    return T.from_labels(item["label"], item["partner_label"], item["lam"],
+                         run.num_classes).to(device, non_blocking=True)
+
+
+def _loss(cfg: TrainConfig, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
+    if cfg.teacher_mode == "none":
+        return T.cross_entropy(logits, target)
+    return T.kl_divergence(logits, target, cfg.temperature)
+
+
+def _save_atomic(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _prepare_out(cfg: TrainConfig) -> None:
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise KdcacheError(f"cannot create the run directory {cfg.out}: {e.strerror}") from None
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not cfg.resume:
+        raise KdcacheError(f"{cfg.out} already holds a run; pass --resume to continue it, "
+                           "or choose another --out")
+
+
+def fit(cfg: TrainConfig, on_step: StepHook | None = None,
+        on_epoch: EpochHook | None = None) -> dict[str, Any]:
+    """Train a student as ``cfg`` says. Returns the final metrics and the run directory."""
+    cfg.validate()
+    _prepare_out(cfg)
+    device = resolve_device(cfg.device)
+    run = _resolve(cfg, device)
+    student = create_model(cfg.student, run.num_classes, cfg.student_weights, seed=cfg.seed)
+    student = prepare_model(student, device, eval_mode=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-run.index.num_samples // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch))
+    start_epoch = _resume(cfg, student, optimizer, schedule)
+    _write_config(cfg, run)
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        metrics = _train_epoch(cfg, run, student, optimizer, schedule, device, epoch, on_step)
+        metrics.update(evaluate(student, run.val, cfg.image_size, device, cfg.workers,
+                                run.teacher, run.teacher_image_size))
+        metrics = {"epoch": epoch + 1, **metrics}
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                      "schedule": schedule.state_dict(), "epoch": epoch + 1,
+                      "rng": torch.get_rng_state(), "config": asdict(cfg)},
+                     os.path.join(cfg.out, "checkpoint.pt"))
+        _save_atomic(student.state_dict(), os.path.join(cfg.out, "model.pt"))
+        log.info("epoch %d: %s", epoch + 1, metrics)
+        if on_epoch:
+            on_epoch(metrics)
+    return {"out": cfg.out, **metrics}
+
+
+def _train_epoch(cfg: TrainConfig, run: _Run, student: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, schedule: Any, device: torch.device,
+                 epoch: int, on_step: StepHook | None) -> dict[str, Any]:
+    order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
+    batches = rank_batches(order, cfg.batch_size)
+    cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
+    stream = StreamSpec(
+        run.index, batches, epoch, cfg.image_size, run.spec, run.plan_seed, run.cache,
+        cache_epoch, run.teacher_image_size if cfg.teacher_mode == "online" else None,
+        need_labels=cfg.teacher_mode == "none")
+    loader = DataLoader(TrainBatches(stream), batch_size=None,
+                        pin_memory=device.type == "cuda", **loader_kwargs(cfg.workers))
+    student.train()
+    total_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
+    images = skipped = 0
+    started = time.perf_counter()
+    for step, item in enumerate(loader):
+        skipped += item["skipped"]
+        if len(item["rows"]) == 0:
+            continue
+        pixels = item["pixels"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        target = _target(cfg, run, item, device)
+        with autocast(device):
+            logits = student(pixels)
+        loss = _loss(cfg, logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+        optimizer.step()
+        schedule.step()
+        total_loss += loss.detach() * len(item["rows"])
+        images += len(item["rows"])
+        if on_step:
+            on_step(epoch, step, len(batches), float(loss) if step % 10 == 0 else math.nan)
+    seconds = time.perf_counter() - started
+    if skipped:
+        log.warning("epoch %d: skipped %d unusable rows (bad input or unreadable image)",
+                    epoch + 1, skipped)
+    return {"train_loss": float(total_loss) / max(images, 1),
+            "images_per_s": images / seconds if seconds > 0 else 0.0,
+            "seconds": seconds, "skipped_rows": skipped, "cache_epoch": cache_epoch
+            if run.cache is not None else None, "lr": schedule.get_last_lr()[0]}
+
+
+def _resume(cfg: TrainConfig, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            schedule: Any) -> int:
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if not cfg.resume:
+        return 0
+    if not os.path.exists(path):
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", cfg.out)
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    student.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    log.info("resumed %s at epoch %d", cfg.out, state["epoch"])
+    return int(state["epoch"])
+
+
+def _write_config(cfg: TrainConfig, run: _Run) -> None:
+    resolved = {**asdict(cfg), "num_classes": run.num_classes, "view_spec": run.spec.to_dict(),
+                "resolved_plan_seed": run.plan_seed,
+                "teacher_image_size_resolved": run.teacher_image_size,
+                "train_samples": run.index.num_samples, "data_fingerprint": run.index.fingerprint,
+                "cache_epochs": len(run.cache_epochs) or None}
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=2)
