@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import schema
+from kdcache.cache.writer import UnitWriter
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, weights_hash
@@ -35,8 +36,6 @@ from kdcache.runtime import (
 from kdcache.store import Cache, create_cache, open_cache
 from kdcache.units import UnitReader, needed_images
 from kdcache.views import ViewSpec, get_spec, sample_unit_views
-
-from kdcache.cache.writer import UnitWriter
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +63,40 @@ class PrecomputeConfig:
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
 
-def cache_identity(index: DatasetIndex, teacher_spec: str, teacher_hash: str, spec: ViewSpec,
-                   plan_seed: int, k: int, num_classes: int, image_size: int) -> dict:
+def cache_identity(
+    index: DatasetIndex,
+    teacher_spec: str,
+    teacher_hash: str,
+    spec: ViewSpec,
+    plan_seed: int,
+    k: int,
+    num_classes: int,
+    image_size: int,
+) -> dict:
     """The attributes that say what a cache is (see :data:`kdcache.schema.IDENTITY_KEYS`)."""
-    return {"data_fingerprint": index.fingerprint, "teacher_weights_hash": teacher_hash,
-            "teacher": teacher_spec, "views": spec.to_dict(), "plan_seed": plan_seed,
-            "topk": k, "num_classes": num_classes, "teacher_image_size": image_size}
+    return {
+        "data_fingerprint": index.fingerprint,
+        "teacher_weights_hash": teacher_hash,
+        "teacher": teacher_spec,
+        "views": spec.to_dict(),
+        "plan_seed": plan_seed,
+        "topk": k,
+        "num_classes": num_classes,
+        "teacher_image_size": image_size,
+    }
 
 
 class _WorkBatches(Dataset):
     """Item ``b``: the rendered teacher views of batch ``b`` of the work list."""
 
-    def __init__(self, index: DatasetIndex, spec: ViewSpec, plan_seed: int, size: int,
-                 batches: list[tuple[int, int, int, int]]):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        spec: ViewSpec,
+        plan_seed: int,
+        size: int,
+        batches: list[tuple[int, int, int, int]],
+    ):
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
         self.batches = batches
         self._reader: UnitReader | None = None
@@ -89,23 +109,28 @@ class _WorkBatches(Dataset):
         if self._reader is None:
             self._reader = UnitReader(self.index, capacity=2)
         u = self.index.units[unit]
-        sizes = self.index.size[u.start:u.start + u.count]
+        sizes = self.index.size[u.start : u.start + u.count]
         views = sample_unit_views(self.spec, self.plan_seed, epoch, u.start, sizes).take(
-            slice(lo, hi))
+            slice(lo, hi)
+        )
         rows = np.arange(u.start + lo, u.start + hi)
         images, failed = self._reader.decode(needed_images(rows, views.partner))
-        bad = np.array([r in failed or p in failed for r, p in zip(rows, views.partner)],
-                       dtype=bool) | (views.box[:, 2] == 0)
+        bad = np.array(
+            [r in failed or p in failed for r, p in zip(rows, views.partner, strict=True)],
+            dtype=bool,
+        ) | (views.box[:, 2] == 0)
         good = ~bad
         pixels = torch.zeros(len(rows), 3, self.size, self.size)
         if good.any():
-            pixels[torch.from_numpy(good)] = render_views(views.take(good), rows[good], images,
-                                                          self.size)
+            pixels[torch.from_numpy(good)] = render_views(
+                views.take(good), rows[good], images, self.size
+            )
         return {"batch": b, "views": views, "bad": bad, "pixels": pixels}
 
 
-def _plan_work(cache: Cache, epochs: int, batch_size: int, limit_units: int | None
-               ) -> list[tuple[int, int, int, int]]:
+def _plan_work(
+    cache: Cache, epochs: int, batch_size: int, limit_units: int | None
+) -> list[tuple[int, int, int, int]]:
     """(epoch, unit, lo, hi) batches of every work unit not yet done, epoch-major."""
     done = cache.done_mask()
     n_units = len(cache.units) if limit_units is None else min(limit_units, len(cache.units))
@@ -115,14 +140,19 @@ def _plan_work(cache: Cache, epochs: int, batch_size: int, limit_units: int | No
             if done[epoch, unit]:
                 continue
             count = int(cache.units[unit]["count"])
-            batches += [(epoch, unit, lo, min(lo + batch_size, count))
-                        for lo in range(0, count, batch_size)]
+            batches += [
+                (epoch, unit, lo, min(lo + batch_size, count)) for lo in range(0, count, batch_size)
+            ]
     return batches
 
 
 def _open_or_create(cfg: PrecomputeConfig, index: DatasetIndex, identity: dict) -> Cache:
-    meta_extra = {"teacher_weights": cfg.teacher_weights, "versions": library_versions(),
-                  "command": cfg.command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta_extra = {
+        "teacher_weights": cfg.teacher_weights,
+        "versions": library_versions(),
+        "command": cfg.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     try:
         cache = open_cache(cfg.out, mode="a")
     except KdcacheError:
@@ -148,35 +178,69 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
     index = load_index(cfg.data)
     num_classes = cfg.num_classes or index.num_classes
     if num_classes < 2:
-        raise KdcacheError(f"{cfg.data} has {num_classes} classes in its labels; "
-                           "set --num-classes to the teacher's output size")
+        raise KdcacheError(
+            f"{cfg.data} has {num_classes} classes in its labels; "
+            "set --num-classes to the teacher's output size"
+        )
     k = cfg.topk or min(10, num_classes)
     if not 1 <= k <= num_classes:
         raise KdcacheError(f"--topk {k} must be between 1 and the {num_classes} classes")
     teacher = create_model(cfg.teacher, num_classes, cfg.teacher_weights)
-    identity = cache_identity(index, cfg.teacher, weights_hash(teacher), spec, cfg.plan_seed, k,
-                              num_classes, cfg.teacher_image_size)
+    identity = cache_identity(
+        index,
+        cfg.teacher,
+        weights_hash(teacher),
+        spec,
+        cfg.plan_seed,
+        k,
+        num_classes,
+        cfg.teacher_image_size,
+    )
     cache = _open_or_create(cfg, index, identity)
     teacher = prepare_model(teacher, device, eval_mode=True, compile=cfg.compile)
     batches = _plan_work(cache, cfg.epochs, cfg.batch_size, cfg.limit_units)
     total = sum(hi - lo for _, _, lo, hi in batches)
-    log.info("precompute: %d images to do in %d batches (%d epochs, %d units)",
-             total, len(batches), cfg.epochs, len(cache.units))
+    log.info(
+        "precompute: %d images to do in %d batches (%d epochs, %d units)",
+        total,
+        len(batches),
+        cfg.epochs,
+        len(cache.units),
+    )
     started = time.perf_counter()
     stats = _run(cache, teacher, device, index, spec, cfg, batches, k, progress)
     seconds = time.perf_counter() - started
-    return {"cache": cfg.out, "images": total, "seconds": round(seconds, 3),
-            "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
-            "bad_rows": stats["bad"], "units_written": stats["units"],
-            "epochs_complete": len(cache.complete_epochs()), "config": asdict(cfg)}
+    return {
+        "cache": cfg.out,
+        "images": total,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
+        "bad_rows": stats["bad"],
+        "units_written": stats["units"],
+        "epochs_complete": len(cache.complete_epochs()),
+        "config": asdict(cfg),
+    }
 
 
-def _run(cache: Cache, teacher: torch.nn.Module, device: torch.device, index: DatasetIndex,
-         spec: ViewSpec, cfg: PrecomputeConfig, batches: list, k: int,
-         progress: Callable[[int], None] | None) -> dict:
+def _run(
+    cache: Cache,
+    teacher: torch.nn.Module,
+    device: torch.device,
+    index: DatasetIndex,
+    spec: ViewSpec,
+    cfg: PrecomputeConfig,
+    batches: list,
+    k: int,
+    progress: Callable[[int], None] | None,
+) -> dict:
     dataset = _WorkBatches(index, spec, cfg.plan_seed, cfg.teacher_image_size, batches)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False,
-                        pin_memory=device.type == "cuda", **loader_kwargs(cfg.workers))
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        **loader_kwargs(cfg.workers),
+    )
     pending: dict[tuple[int, int], list] = {}
     stats = {"bad": 0, "units": 0}
     with UnitWriter(cache) as writer:

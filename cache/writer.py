@@ -52,8 +52,9 @@ class UnitWriter:
         if self._error is not None:
             raise self._error
 
-    def __exit__(self, exc_type: type | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._queue.put(None)
         self._thread.join()
         if exc is None:

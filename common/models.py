@@ -20,15 +20,23 @@ from kdcache.errors import KdcacheError
 
 def tiny_cnn(num_classes: int, width: int = 16) -> nn.Module:
     """Three conv-BN-ReLU blocks and a linear head (~25k parameters at width 16)."""
+
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
 
     return nn.Sequential(
-        *block(3, width), nn.MaxPool2d(2),
-        *block(width, 2 * width), nn.MaxPool2d(2),
+        *block(3, width),
+        nn.MaxPool2d(2),
+        *block(width, 2 * width),
+        nn.MaxPool2d(2),
         *block(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
     )
 
 
@@ -41,8 +49,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -51,8 +60,11 @@ class _BasicBlock(nn.Module):
 
 def resnet_s(num_classes: int, width: int = 32, blocks: tuple[int, ...] = (1, 1, 1)) -> nn.Module:
     """A small CIFAR-style ResNet: 3x3 stem, three stages of basic blocks (strides 1, 2, 2)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                               nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    ]
     cin = width
     for stage, n in enumerate(blocks):
         cout = width * 2**stage
@@ -69,8 +81,10 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {"tiny_cnn": tiny_cnn, "resnet_s"
 def _factory(spec: str) -> Callable[..., nn.Module]:
     source, sep, name = spec.partition(":")
     if not sep or not name:
-        raise KdcacheError(f"model spec {spec!r} is not SOURCE:NAME; use kdcache:tiny_cnn, "
-                           "torchvision:resnet18, timm:resnet50 or pkg.module:factory")
+        raise KdcacheError(
+            f"model spec {spec!r} is not SOURCE:NAME; use kdcache:tiny_cnn, "
+            "torchvision:resnet18, timm:resnet50 or pkg.module:factory"
+        )
     if source == "kdcache":
         if name not in BUILTIN:
             raise KdcacheError(f"no built-in model {name!r}; choose one of {', '.join(BUILTIN)}")
@@ -81,8 +95,9 @@ def _factory(spec: str) -> Callable[..., nn.Module]:
         try:
             return torchvision.models.get_model_builder(name)
         except ValueError:
-            raise KdcacheError(f"torchvision has no model {name!r} (see "
-                               "torchvision.models.list_models())") from None
+            raise KdcacheError(
+                f"torchvision has no model {name!r} (see torchvision.models.list_models())"
+            ) from None
     if source == "timm":
         try:
             import timm
@@ -90,8 +105,9 @@ def _factory(spec: str) -> Callable[..., nn.Module]:
             raise KdcacheError("timm model specs need timm: pip install 'kdcache[timm]'") from None
         if not timm.is_model(name):
             raise KdcacheError(f"timm has no model {name!r}")
-        return lambda num_classes: timm.create_model(name, pretrained=False,
-                                                     num_classes=num_classes)
+        return lambda num_classes: timm.create_model(
+            name, pretrained=False, num_classes=num_classes
+        )
     try:
         module = importlib.import_module(source)
     except ImportError as e:
@@ -123,8 +139,9 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def create_model(spec: str, num_classes: int, weights: str | None = None,
-                 seed: int = 0) -> nn.Module:
+def create_model(
+    spec: str, num_classes: int, weights: str | None = None, seed: int = 0
+) -> nn.Module:
     """Build the model of ``spec`` with ``num_classes`` outputs; load ``weights`` if given.
 
     The initialisation is drawn from ``seed`` (the global RNG is left as it was), so a model
@@ -145,8 +162,10 @@ def create_model(spec: str, num_classes: int, weights: str | None = None,
             model.load_state_dict(state)
         except RuntimeError as e:
             first = str(e).splitlines()[1:3]
-            raise KdcacheError(f"weights {weights} do not fit {spec} with {num_classes} classes: "
-                               + " ".join(s.strip() for s in first)) from None
+            raise KdcacheError(
+                f"weights {weights} do not fit {spec} with {num_classes} classes: "
+                + " ".join(s.strip() for s in first)
+            ) from None
     return model
 
 

@@ -36,8 +36,16 @@ def decode_image(data: bytes) -> torch.Tensor:
 def crop_resize(image: torch.Tensor, box: np.ndarray, flip: bool, size: int) -> torch.Tensor:
     """(3, H, W) uint8, box (top, left, height, width) -> (3, size, size) float32 in [0, 1]."""
     top, left, height, width = (int(v) for v in box)
-    out = F.resized_crop(image, top, left, height, width, [size, size],
-                         interpolation=InterpolationMode.BILINEAR, antialias=True)
+    out = F.resized_crop(
+        image,
+        top,
+        left,
+        height,
+        width,
+        [size, size],
+        interpolation=InterpolationMode.BILINEAR,
+        antialias=True,
+    )
     if flip:
         out = out.flip(-1)
     return out.float().div_(255.0)
@@ -61,7 +69,9 @@ def render_views(
         partner = int(views.partner[b])
         if partner >= 0:
             lam = float(views.lam[b])  # exact: every float16 is a float32
-            y = crop_resize(images[partner], views.partner_box[b], bool(views.partner_flip[b]), size)
+            y = crop_resize(
+                images[partner], views.partner_box[b], bool(views.partner_flip[b]), size
+            )
             x = x.mul_(lam).add_(y, alpha=1.0 - lam)
         out[b] = x
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

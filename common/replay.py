@@ -18,17 +18,24 @@ from kdcache.views import STUDENT_STREAM, Views, ViewSpec, sample_unit_views, vi
 TARGET_FIELDS = ("topk_logits", "topk_index", "lse")
 
 
-def fresh_unit_views(index: DatasetIndex, unit: int, spec: ViewSpec, plan_seed: int, epoch: int,
-                     stream: int = STUDENT_STREAM) -> tuple[Views, np.ndarray]:
+def fresh_unit_views(
+    index: DatasetIndex,
+    unit: int,
+    spec: ViewSpec,
+    plan_seed: int,
+    epoch: int,
+    stream: int = STUDENT_STREAM,
+) -> tuple[Views, np.ndarray]:
     """Views of every sample of ``unit`` -> (views, usable (n,) bool: image readable)."""
     u = index.units[unit]
-    sizes = index.size[u.start:u.start + u.count]
+    sizes = index.size[u.start : u.start + u.count]
     views = sample_unit_views(spec, plan_seed, epoch, u.start, sizes, stream)
     return views, (sizes > 0).all(axis=1)
 
 
-def cached_unit_views(cache: Cache, index: DatasetIndex, unit: int, epoch: int
-                      ) -> tuple[Views, np.ndarray, dict[str, np.ndarray]]:
+def cached_unit_views(
+    cache: Cache, index: DatasetIndex, unit: int, epoch: int
+) -> tuple[Views, np.ndarray, dict[str, np.ndarray]]:
     """A unit's rows of one cache epoch -> (views, usable (n,) bool: status ok, target rows).
 
     One contiguous read per array; raises :class:`CacheMismatchError` when the rows are not the
@@ -42,23 +49,29 @@ def cached_unit_views(cache: Cache, index: DatasetIndex, unit: int, epoch: int
     return views, rows["status"] == schema.OK, targets
 
 
-def check_unit(cache: Cache, index: DatasetIndex, unit: int, epoch: int,
-               rows: dict[str, np.ndarray]) -> None:
+def check_unit(
+    cache: Cache, index: DatasetIndex, unit: int, epoch: int, rows: dict[str, np.ndarray]
+) -> None:
     """Refuse a unit whose rows are not the views of these samples (other data, other plan)."""
     u = index.units[unit]
     keys = cache.read_samples(unit)["key_hash"]
-    if not np.array_equal(keys, index.key_hash[u.start:u.start + u.count]):
+    if not np.array_equal(keys, index.key_hash[u.start : u.start + u.count]):
         raise CacheMismatchError(
             f"cache {cache.path} unit {unit} ({u.name}) holds other samples than the data "
-            "(key hashes differ); train with the data the cache was made from")
+            "(key hashes differ); train with the data the cache was made from"
+        )
     written = rows["status"] != schema.PADDING
     if not written.any():
-        raise CacheMismatchError(f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}) was "
-                                 "never written; finish it with `kdcache precompute`")
-    expected = (view_keys(cache.plan_seed, epoch, u.start + np.arange(u.count))
-                & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        raise CacheMismatchError(
+            f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}) was "
+            "never written; finish it with `kdcache precompute`"
+        )
+    expected = (
+        view_keys(cache.plan_seed, epoch, u.start + np.arange(u.count)) & np.uint64(0xFFFFFFFF)
+    ).astype(np.uint32)
     if not np.array_equal(rows["seed"][written], expected[written]):
         raise CacheMismatchError(
             f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}): stored view seeds differ "
             "from the view generator's; the cache was made by an incompatible kdcache or its "
-            "rows were damaged; re-make it with `kdcache precompute`")
+            "rows were damaged; re-make it with `kdcache precompute`"
+        )

@@ -19,13 +19,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdcacheError(f"--device {name} asked for, but no CUDA device is available; "
-                           "use --device cpu")
+        raise KdcacheError(
+            f"--device {name} asked for, but no CUDA device is available; use --device cpu"
+        )
     return device
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, *, eval_mode: bool,
-                  compile: bool = False) -> torch.nn.Module:
+def prepare_model(
+    model: torch.nn.Module, device: torch.device, *, eval_mode: bool, compile: bool = False
+) -> torch.nn.Module:
     """Move to ``device``; channels_last on GPU (faster convs), optional ``torch.compile``."""
     model = model.to(device)
     if device.type == "cuda":
@@ -44,8 +46,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
+def teacher_logits(
+    teacher: torch.nn.Module, images: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """(B, 3, S, S) float32 -> (B, C) float32 logits on ``device``."""
     images = images.to(device, non_blocking=True)
     if device.type == "cuda":
@@ -64,14 +67,23 @@ def library_versions() -> dict[str, str]:
     import torchvision
     import zarr
 
-    return {"kdcache": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "zarr": zarr.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "kdcache": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def loader_kwargs(workers: int) -> dict[str, Any]:
     """DataLoader options for ``workers`` worker processes (0 = in the main process)."""
     if workers <= 0:
         return {"num_workers": 0}
-    return {"num_workers": workers, "persistent_workers": False, "prefetch_factor": 4,
-            "multiprocessing_context": "fork" if platform.system() == "Linux" else None}
+    return {
+        "num_workers": workers,
+        "persistent_workers": False,
+        "prefetch_factor": 4,
+        "multiprocessing_context": "fork" if platform.system() == "Linux" else None,
+    }

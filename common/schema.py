@@ -52,8 +52,14 @@ ROW_FIELDS: tuple[Field, ...] = (
 SAMPLE_FIELDS: tuple[Field, ...] = (
     Field("key_hash", "uint64", 0, per_epoch=False, doc="blake2b-64 of the sample's key"),
     Field("label", "int32", -1, per_epoch=False, doc="dataset label, -1 when missing"),
-    Field("size", "int32", 0, (2,), per_epoch=False,
-          doc="decoded image (height, width); (0, 0) when unreadable"),
+    Field(
+        "size",
+        "int32",
+        0,
+        (2,),
+        per_epoch=False,
+        doc="decoded image (height, width); (0, 0) when unreadable",
+    ),
 )
 VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
 DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit

@@ -106,8 +106,9 @@ class Cache:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def read_unit(self, epoch: int, unit: int, fields: tuple[str, ...] | None = None
-                  ) -> dict[str, np.ndarray]:
+    def read_unit(
+        self, epoch: int, unit: int, fields: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
         """The unit's rows of one epoch: one contiguous read per array, (count, ...) each."""
         rows = self.unit_rows(unit)
         names = fields or tuple(f.name for f in schema.ROW_FIELDS)
@@ -128,7 +129,7 @@ class Cache:
                 raise ValueError(f"{field.name}: {data.shape[0]} rows for a unit of {count}")
             full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
             full[:count] = data
-            arr[epoch, start:start + self.slot] = full  # exactly one shard
+            arr[epoch, start : start + self.slot] = full  # exactly one shard
         self.array(schema.DONE_ARRAY)[epoch, unit] = 1
 
     def extend(self, epochs: int) -> None:
@@ -142,6 +143,47 @@ class Cache:
         done.resize((epochs, done.shape[1]))
         log.info("extended %s to %d epochs", self.path, epochs)
 
+    # -- summary ---------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """What ``kdcache inspect`` prints: progress, size on disk, and what the cache is."""
+        done = self.done_mask()
+        counts = np.array([int(u["count"]) for u in self.units], dtype=np.int64)
+        rows_written = int((done * counts[None, :]).sum())
+        row_bytes = {f.name: _disk_bytes(self.path, f.name) for f in schema.ROW_FIELDS}
+        per_row = (
+            sum(row_bytes.values()) / rows_written
+            if rows_written and None not in row_bytes.values()
+            else None
+        )
+        m = self.meta
+        return {
+            "path": self.path,
+            "schema_version": m["schema_version"],
+            "epochs_allocated": self.epochs,
+            "epochs_complete": len(self.complete_epochs()),
+            "units": len(self.units),
+            "units_done": int(done.sum()),
+            "work_units_total": int(done.size),
+            "samples": int(m["data"]["num_samples"]),
+            "rows_written": rows_written,
+            "bytes_per_row": round(per_row, 2) if per_row is not None else None,
+            "bytes_per_row_by_array": {k: round(v / rows_written, 2) for k, v in row_bytes.items()}
+            if per_row is not None
+            else None,
+            "teacher": m["teacher"],
+            "teacher_weights_hash": m["teacher_weights_hash"],
+            "views": m["views"]["name"],
+            "plan_seed": m["plan_seed"],
+            "topk": m["topk"],
+            "num_classes": m["num_classes"],
+            "teacher_image_size": m["teacher_image_size"],
+            "data_fingerprint": m["data_fingerprint"],
+            "created": m.get("created"),
+            "command": m.get("command"),
+            "versions": m.get("versions"),
+        }
+
     # -- identity --------------------------------------------------------------------------
 
     def check_identity(self, expected: Mapping[str, Any], what: str = "this job") -> None:
@@ -153,9 +195,18 @@ class Cache:
         ]
         if diffs:
             raise CacheMismatchError(
-                f"cache {self.path} was made differently from {what}: " + "; ".join(diffs)
+                f"cache {self.path} was made differently from {what}: "
+                + "; ".join(diffs)
                 + ". Use a new --out/--cache path, or the settings the cache was made with."
             )
+
+
+def _disk_bytes(path: str, name: str) -> int | None:
+    """Bytes of array ``name`` on local disk (None for remote stores)."""
+    root = os.path.join(path, name)
+    if "://" in path or not os.path.isdir(root):
+        return None
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
 def _check_schema_version(path: str, meta: Mapping[str, Any]) -> None:
@@ -185,41 +236,56 @@ def create_cache(
     max_count = max(int(u["count"]) for u in units)
     chunk_rows = chunk_rows or schema.default_chunk_rows(max_count)
     slot = schema.slot_size(max_count, chunk_rows)
-    meta = {**meta, "slot": slot, "chunk_rows": chunk_rows,
-            "schema_version": schema.SCHEMA_VERSION}
+    meta = {**meta, "slot": slot, "chunk_rows": chunk_rows, "schema_version": schema.SCHEMA_VERSION}
     rows = slot * len(units)
     try:
         group = zarr.open_group(path, mode="w-", zarr_format=3)
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-        raise KdcacheError(f"{path} already exists and is not a kdcache cache; "
-                           "choose another --out") from None
+        raise KdcacheError(
+            f"{path} already exists and is not a kdcache cache; choose another --out"
+        ) from None
     except PermissionError as e:
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
     k, c = int(meta["topk"]), int(meta["num_classes"])
     for field in schema.ROW_FIELDS:
         trail = schema.trailing_shape(field, k)
         group.create_array(
-            field.name, shape=(epochs, rows, *trail), dtype=schema.field_dtype(field, c),
-            chunks=(1, chunk_rows, *trail), shards=(1, slot, *trail),
-            compressors=_compressors(), fill_value=field.fill,
+            field.name,
+            shape=(epochs, rows, *trail),
+            dtype=schema.field_dtype(field, c),
+            chunks=(1, chunk_rows, *trail),
+            shards=(1, slot, *trail),
+            compressors=_compressors(),
+            fill_value=field.fill,
             dimension_names=("epoch", "row", *[f"d{i}" for i in range(len(trail))]),
         )
     for field in schema.SAMPLE_FIELDS:
         trail = schema.trailing_shape(field, k)
         arr = group.create_array(
-            field.name, shape=(rows, *trail), dtype=field.dtype, chunks=(slot, *trail),
-            compressors=_compressors(), fill_value=field.fill,
+            field.name,
+            shape=(rows, *trail),
+            dtype=field.dtype,
+            chunks=(slot, *trail),
+            compressors=_compressors(),
+            fill_value=field.fill,
             dimension_names=("row", *[f"d{i}" for i in range(len(trail))]),
         )
         full = np.full((rows, *trail), field.fill, dtype=field.dtype)
         for u, unit in enumerate(units):
             start = int(unit["start"])
-            full[u * slot: u * slot + int(unit["count"])] = sample_rows[field.name][
-                start: start + int(unit["count"])]
+            full[u * slot : u * slot + int(unit["count"])] = sample_rows[field.name][
+                start : start + int(unit["count"])
+            ]
         arr[:] = full
-    group.create_array(schema.DONE_ARRAY, shape=(epochs, len(units)), dtype="uint8",
-                       chunks=(1, 1), fill_value=0, compressors=None,
-                       dimension_names=("epoch", "unit"))
+    group.create_array(
+        schema.DONE_ARRAY,
+        shape=(epochs, len(units)),
+        dtype="uint8",
+        chunks=(1, 1),
+        fill_value=0,
+        compressors=None,
+        dimension_names=("epoch", "unit"),
+    )
     group.attrs[schema.FORMAT_NAME] = meta
     log.info("created cache %s: %d units x %d rows, %d epochs", path, len(units), slot, epochs)
     return Cache(path, mode="a")

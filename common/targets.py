@@ -30,10 +30,12 @@ class SparseTarget:
     num_classes: int
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTarget:
-        return SparseTarget(self.index.to(device, non_blocking=non_blocking),
-                            self.logp.to(device, non_blocking=non_blocking),
-                            self.tail_logp.to(device, non_blocking=non_blocking),
-                            self.num_classes)
+        return SparseTarget(
+            self.index.to(device, non_blocking=non_blocking),
+            self.logp.to(device, non_blocking=non_blocking),
+            self.tail_logp.to(device, non_blocking=non_blocking),
+            self.num_classes,
+        )
 
     @property
     def tail_count(self) -> int:
@@ -42,11 +44,13 @@ class SparseTarget:
     def dense(self) -> torch.Tensor:
         """(B, C) probabilities; for tests and small C only."""
         out = self.tail_logp.exp()[:, None].expand(-1, self.num_classes).clone()
-        return out.scatter_(1, self.index, self.logp.exp())
+        out.scatter_(1, self.index, 0.0)  # the named classes hold no tail mass
+        return out.scatter_add_(1, self.index, self.logp.exp())  # an index may repeat
 
 
-def from_topk(topk_logits: torch.Tensor, topk_index: torch.Tensor, lse: torch.Tensor,
-              num_classes: int) -> SparseTarget:
+def from_topk(
+    topk_logits: torch.Tensor, topk_index: torch.Tensor, lse: torch.Tensor, num_classes: int
+) -> SparseTarget:
     """Cached rows -> target. topk_logits (B, K) float16/32, topk_index (B, K) int, lse (B,)."""
     logp = topk_logits.float() - lse.float()[:, None]
     tail_count = num_classes - logp.shape[1]
@@ -59,17 +63,21 @@ def from_topk(topk_logits: torch.Tensor, topk_index: torch.Tensor, lse: torch.Te
     return SparseTarget(topk_index.long(), logp, tail_logp, num_classes)
 
 
-def from_labels(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor,
-                num_classes: int) -> SparseTarget:
+def from_labels(
+    label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int
+) -> SparseTarget:
     """Hard labels, mixed: weight ``lam`` (B,) on ``label`` (B,), the rest on ``partner_label``.
 
-    Rows that are not mixed have ``lam == 1``; their partner label is ignored.
+    Rows that are not mixed have ``lam == 1``; their partner label is ignored. When both labels
+    are the same class, all the mass goes to the first entry (the second is ``-inf``), so no
+    class is named twice with mass and the target's entropy stays right.
     """
     lam = lam.float()
-    index = torch.stack([label, torch.where(lam < 1, partner_label, label)], 1).long()
+    single = (lam >= 1) | (partner_label == label)
+    index = torch.stack([label, torch.where(single, label, partner_label)], 1).long()
     with torch.no_grad():
-        own = lam.log()
-        other = torch.where(lam < 1, (1 - lam).log(), torch.full_like(lam, float("-inf")))
+        own = torch.where(single, torch.zeros_like(lam), lam.log())
+        other = torch.where(single, torch.full_like(lam, float("-inf")), (1 - lam).log())
     tail = torch.full_like(lam, float("-inf"))
     return SparseTarget(index, torch.stack([own, other], 1), tail, num_classes)
 
@@ -99,8 +107,9 @@ def _xlogy_exp(logp: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
 
 
-def cross_entropy(student_logits: torch.Tensor, target: SparseTarget,
-                  temperature: float = 1.0) -> torch.Tensor:
+def cross_entropy(
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
+) -> torch.Tensor:
     """Mean over the batch of H(teacher, student) at temperature T; (B, C) logits -> scalar."""
     t_top, t_tail = _tempered(target, temperature)
     logq = F.log_softmax(student_logits.float() / temperature, dim=1)
@@ -113,8 +122,9 @@ def cross_entropy(student_logits: torch.Tensor, target: SparseTarget,
     return ce.mean()
 
 
-def kl_divergence(student_logits: torch.Tensor, target: SparseTarget,
-                  temperature: float = 1.0) -> torch.Tensor:
+def kl_divergence(
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) at temperature T, times T^2 (Hinton's scaling); mean over batch."""
     t_top, t_tail = _tempered(target, temperature)
     neg_entropy = _xlogy_exp(t_top).sum(1)

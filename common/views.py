@@ -160,8 +160,11 @@ def _inception_boxes(spec: ViewSpec, keys: np.ndarray, base: int, hw: np.ndarray
     done = np.zeros(n, dtype=bool)
     log_lo, log_hi = math.log(spec.min_aspect), math.log(spec.max_aspect)
     for t in range(_INCEPTION_TRIES):
-        area = h_img * w_img * (spec.min_area + (spec.max_area - spec.min_area)
-                                * _uniform(keys, base + 2 * t))
+        area = (
+            h_img
+            * w_img
+            * (spec.min_area + (spec.max_area - spec.min_area) * _uniform(keys, base + 2 * t))
+        )
         aspect = np.exp(log_lo + (log_hi - log_lo) * _uniform(keys, base + 2 * t + 1))
         w = np.round(np.sqrt(area * aspect))
         h = np.round(np.sqrt(area / aspect))
@@ -170,8 +173,11 @@ def _inception_boxes(spec: ViewSpec, keys: np.ndarray, base: int, hw: np.ndarray
         done |= ok
     # Fallback, as torchvision: the whole image, aspect clamped into range.
     ratio = w_img / np.maximum(h_img, 1)
-    fb_w = np.where(ratio < spec.min_aspect, w_img,
-                    np.where(ratio > spec.max_aspect, np.round(h_img * spec.max_aspect), w_img))
+    fb_w = np.where(
+        ratio < spec.min_aspect,
+        w_img,
+        np.where(ratio > spec.max_aspect, np.round(h_img * spec.max_aspect), w_img),
+    )
     fb_h = np.where(ratio < spec.min_aspect, np.round(w_img / spec.min_aspect), h_img)
     box_h = np.where(done, box_h, fb_h)
     box_w = np.where(done, box_w, fb_w)
@@ -239,8 +245,14 @@ def sample_unit_views(
     return views
 
 
-def _add_partners(spec: ViewSpec, views: Views, keys: np.ndarray, sizes: np.ndarray,
-                  valid: np.ndarray, unit_start: int) -> None:
+def _add_partners(
+    spec: ViewSpec,
+    views: Views,
+    keys: np.ndarray,
+    sizes: np.ndarray,
+    valid: np.ndarray,
+    unit_start: int,
+) -> None:
     """Mixup inside the unit: a partner other than the sample itself, drawn uniformly."""
     n = len(keys)
     local = np.arange(n)

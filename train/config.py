@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
 
-TEACHER_MODES = ("cached", "online", "none")
+TEACHER_MODES = ("cached", "online", "fixed", "independent", "none")
+# The student's views when --views is not given (cached mode: the cache decides). The fixed and
+# independent teachers of Beyer et al. 2022 are shown with crop + flip and no mixing.
+DEFAULT_VIEWS = {
+    "online": "function_matching",
+    "none": "function_matching",
+    "fixed": "consistent",
+    "independent": "consistent",
+}
 
 
 @dataclass
@@ -39,6 +47,7 @@ class TrainConfig:
     device: str = "auto"
     num_classes: int | None = None
     resume: bool = False
+    limit: int | None = None  # train on the first N samples only
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
     def validate(self) -> None:
@@ -47,15 +56,25 @@ class TrainConfig:
         if self.teacher_mode not in TEACHER_MODES:
             problems.append(f"--teacher-mode must be one of {', '.join(TEACHER_MODES)}")
         if self.teacher_mode == "cached" and not self.cache:
-            problems.append("--teacher-mode cached needs --cache CACHE (make one with "
-                            "`kdcache precompute`)")
-        if self.teacher_mode == "online" and not self.teacher:
-            problems.append("--teacher-mode online needs --teacher MODEL (and --teacher-weights)")
+            problems.append(
+                "--teacher-mode cached needs --cache CACHE (make one with `kdcache precompute`)"
+            )
+        if self.teacher_mode == "fixed" and not self.cache:
+            problems.append(
+                "--teacher-mode fixed needs --cache CACHE: a one-epoch cache of "
+                "center views (`kdcache train` makes it when --teacher is given)"
+            )
+        if self.teacher_mode in ("online", "independent") and not self.teacher:
+            problems.append(
+                f"--teacher-mode {self.teacher_mode} needs --teacher MODEL (and --teacher-weights)"
+            )
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be positive, got {self.batch_size}")
         if self.temperature <= 0:
             problems.append(f"--temperature must be positive, got {self.temperature}")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be positive, got {self.limit}")
         if problems:
             raise KdcacheError("; ".join(problems))

@@ -25,12 +25,11 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.models import create_model, weights_hash
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import Cache, open_cache
-from kdcache.views import ViewSpec, get_spec
-
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import DEFAULT_VIEWS, TrainConfig
 from kdcache.train.evaluate import evaluate
 from kdcache.train.plan import epoch_order, rank_batches
 from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.views import INDEPENDENT_STREAM, ViewSpec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +56,74 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
     index = load_index(cfg.data)
     val = load_index(cfg.val)
     cache, cache_epochs = None, []
-    if cfg.teacher_mode == "cached":
+    if cfg.teacher_mode in ("cached", "fixed"):
         cache = open_cache(cfg.cache)
         _check_cache(cache, cfg, index)
         cache_epochs = cache.complete_epochs()
         if not cache_epochs:
-            raise KdcacheError(f"cache {cfg.cache} has no complete epoch yet; finish it with "
-                               "`kdcache precompute` (re-run the same command)")
-        if cfg.epochs > len(cache_epochs):
-            log.warning("the cache holds %d complete epochs and the run has %d: cached epochs "
-                        "are cycled (student epoch e replays cache epoch e mod %d)",
-                        len(cache_epochs), cfg.epochs, len(cache_epochs))
+            raise KdcacheError(
+                f"cache {cfg.cache} has no complete epoch yet; finish it with "
+                "`kdcache precompute` (re-run the same command)"
+            )
         num_classes = cache.num_classes
-        spec, plan_seed = cache.spec, cache.plan_seed
         teacher_size = int(cache.meta["teacher_image_size"])
     else:
         num_classes = cfg.num_classes or max(index.num_classes, val.num_classes)
-        spec = get_spec(cfg.views or "function_matching")
-        plan_seed = cfg.plan_seed or 0
         teacher_size = cfg.teacher_image_size or cfg.image_size
+    if cfg.teacher_mode == "cached":
+        spec, plan_seed = cache.spec, cache.plan_seed
+        if cfg.epochs > len(cache_epochs):
+            log.warning(
+                "the cache holds %d complete epochs and the run has %d: cached epochs "
+                "are cycled (student epoch e replays cache epoch e mod %d)",
+                len(cache_epochs),
+                cfg.epochs,
+                len(cache_epochs),
+            )
+    else:
+        spec = get_spec(cfg.views or DEFAULT_VIEWS[cfg.teacher_mode])
+        plan_seed = cfg.plan_seed or 0
+        if cfg.teacher_mode in ("fixed", "independent") and spec.mixes:
+            raise KdcacheError(
+                f"--teacher-mode {cfg.teacher_mode} trains on unmixed views (the teacher never "
+                f"sees the student's mix); --views {spec.name} mixes: use consistent or center"
+            )
     if cfg.num_classes and cfg.num_classes != num_classes:
-        raise KdcacheError(f"--num-classes {cfg.num_classes} differs from the cache's "
-                           f"{num_classes} classes")
+        raise KdcacheError(
+            f"--num-classes {cfg.num_classes} differs from the cache's {num_classes} classes"
+        )
     if num_classes < 2:
         raise KdcacheError(f"{cfg.data} has {num_classes} labelled classes; set --num-classes")
     teacher = None
     if cfg.teacher:
         teacher = create_model(cfg.teacher, num_classes, cfg.teacher_weights)
         if cache is not None:
-            cache.check_identity({"teacher": cfg.teacher,
-                                  "teacher_weights_hash": weights_hash(teacher)},
-                                 what="--teacher")
+            cache.check_identity(
+                {"teacher": cfg.teacher, "teacher_weights_hash": weights_hash(teacher)},
+                what="--teacher",
+            )
         teacher = prepare_model(teacher, device, eval_mode=True)
-    return _Run(index, val, num_classes, spec, plan_seed, cache, cache_epochs, teacher,
-                teacher_size)
+    return _Run(
+        index, val, num_classes, spec, plan_seed, cache, cache_epochs, teacher, teacher_size
+    )
 
 
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     """Refuse a cache made from other data or with other views than this run asks for."""
     expected: dict[str, Any] = {"data_fingerprint": index.fingerprint}
-    if cfg.views is not None and cfg.views != cache.spec.name:
+    if cfg.teacher_mode == "fixed":
+        if cache.spec.name != "center":
+            raise CacheMismatchError(
+                f"cache {cache.path} holds {cache.spec.name} views; a fixed teacher's cache "
+                "holds its predictions on center views: make one with `kdcache precompute "
+                "--views center --epochs 1` (or let `kdcache train` make it: name a new --cache)"
+            )
+    elif cfg.views is not None and cfg.views != cache.spec.name:
         raise CacheMismatchError(
             f"--views {cfg.views} asked for, but cache {cache.path} holds {cache.spec.name} "
-            "views; in cached mode the cache decides: drop --views or use another cache")
-    if cfg.plan_seed is not None:
+            "views; in cached mode the cache decides: drop --views or use another cache"
+        )
+    if cfg.plan_seed is not None and cfg.teacher_mode == "cached":
         expected["plan_seed"] = cfg.plan_seed
     if cfg.teacher_image_size is not None:
         expected["teacher_image_size"] = cfg.teacher_image_size
@@ -110,27 +133,32 @@ def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
         raise CacheMismatchError(
             f"{e} (data {cfg.data}: {index.num_samples} samples in {len(index.units)} shards; "
             f"cache: {cache.meta['data']['num_samples']} samples in "
-            f"{len(cache.units)} shards)") from None
+            f"{len(cache.units)} shards)"
+        ) from None
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up from 0, then cosine decay to 0 (as in big_vision's distill configs)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
 def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.SparseTarget:
-    if cfg.teacher_mode == "cached":
-        return T.from_topk(item["topk_logits"], item["topk_index"], item["lse"],
-                           run.num_classes).to(device, non_blocking=True)
-    if cfg.teacher_mode == "online":
+    if cfg.teacher_mode in ("cached", "fixed"):
+        return T.from_topk(
+            item["topk_logits"], item["topk_index"], item["lse"], run.num_classes
+        ).to(device, non_blocking=True)
+    if cfg.teacher_mode in ("online", "independent"):
         return T.from_logits(teacher_logits(run.teacher, item["teacher_pixels"], device))
-    return T.from_labels(item["label"], item["partner_label"], item["lam"],
-                         run.num_classes).to(device, non_blocking=True)
+    return T.from_labels(item["label"], item["partner_label"], item["lam"], run.num_classes).to(
+        device, non_blocking=True
+    )
 
 
 def _loss(cfg: TrainConfig, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
@@ -152,12 +180,14 @@ def _prepare_out(cfg: TrainConfig) -> None:
         raise KdcacheError(f"cannot create the run directory {cfg.out}: {e.strerror}") from None
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     if os.path.exists(ckpt) and not cfg.resume:
-        raise KdcacheError(f"{cfg.out} already holds a run; pass --resume to continue it, "
-                           "or choose another --out")
+        raise KdcacheError(
+            f"{cfg.out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
 
 
-def fit(cfg: TrainConfig, on_step: StepHook | None = None,
-        on_epoch: EpochHook | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
+) -> dict[str, Any]:
     """Train a student as ``cfg`` says. Returns the final metrics and the run directory."""
     cfg.validate()
     _prepare_out(cfg)
@@ -166,42 +196,97 @@ def fit(cfg: TrainConfig, on_step: StepHook | None = None,
     student = create_model(cfg.student, run.num_classes, cfg.student_weights, seed=cfg.seed)
     student = prepare_model(student, device, eval_mode=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-run.index.num_samples // cfg.batch_size)
+    samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
+    steps_per_epoch = -(-samples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch))
+        optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    )
     start_epoch = _resume(cfg, student, optimizer, schedule)
     _write_config(cfg, run)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = _last_metrics(cfg.out) if start_epoch else {}
+    if start_epoch >= cfg.epochs:
+        log.info("%s already holds %d epochs; nothing to do", cfg.out, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         metrics = _train_epoch(cfg, run, student, optimizer, schedule, device, epoch, on_step)
-        metrics.update(evaluate(student, run.val, cfg.image_size, device, cfg.workers,
-                                run.teacher, run.teacher_image_size))
+        scores = evaluate(
+            student,
+            run.val,
+            cfg.image_size,
+            device,
+            cfg.workers,
+            run.teacher,
+            run.teacher_image_size,
+        )
+        metrics["val_accuracy"] = scores.pop("accuracy")
+        metrics.update(scores)
         metrics = {"epoch": epoch + 1, **metrics}
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                      "schedule": schedule.state_dict(), "epoch": epoch + 1,
-                      "rng": torch.get_rng_state(), "config": asdict(cfg)},
-                     os.path.join(cfg.out, "checkpoint.pt"))
+        _save_atomic(
+            {
+                "model": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch + 1,
+                "rng": torch.get_rng_state(),
+                "config": asdict(cfg),
+            },
+            os.path.join(cfg.out, "checkpoint.pt"),
+        )
         _save_atomic(student.state_dict(), os.path.join(cfg.out, "model.pt"))
-        log.info("epoch %d: %s", epoch + 1, metrics)
+        log.info(
+            "epoch %d/%d  loss %.4f  val acc %.4f%s  %.0f img/s%s",
+            epoch + 1,
+            cfg.epochs,
+            metrics["train_loss"],
+            metrics["val_accuracy"],
+            f"  agreement {metrics['teacher_agreement']:.4f}"
+            if "teacher_agreement" in metrics
+            else "",
+            metrics["images_per_s"],
+            f"  ({metrics['skipped_rows']} rows skipped)" if metrics["skipped_rows"] else "",
+        )
         if on_epoch:
             on_epoch(metrics)
     return {"out": cfg.out, **metrics}
 
 
-def _train_epoch(cfg: TrainConfig, run: _Run, student: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, schedule: Any, device: torch.device,
-                 epoch: int, on_step: StepHook | None) -> dict[str, Any]:
+def _train_epoch(
+    cfg: TrainConfig,
+    run: _Run,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    device: torch.device,
+    epoch: int,
+    on_step: StepHook | None,
+) -> dict[str, Any]:
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
+    if cfg.limit is not None:
+        order = order[order < cfg.limit]
     batches = rank_batches(order, cfg.batch_size)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
+    mode = cfg.teacher_mode
     stream = StreamSpec(
-        run.index, batches, epoch, cfg.image_size, run.spec, run.plan_seed, run.cache,
-        cache_epoch, run.teacher_image_size if cfg.teacher_mode == "online" else None,
-        need_labels=cfg.teacher_mode == "none")
-    loader = DataLoader(TrainBatches(stream), batch_size=None,
-                        pin_memory=device.type == "cuda", **loader_kwargs(cfg.workers))
+        run.index,
+        batches,
+        epoch,
+        cfg.image_size,
+        run.spec,
+        run.plan_seed,
+        cache=run.cache if mode == "cached" else None,
+        cache_epoch=cache_epoch,
+        teacher_image_size=run.teacher_image_size if mode in ("online", "independent") else None,
+        need_labels=mode == "none",
+        target_cache=run.cache if mode == "fixed" else None,
+        teacher_stream=INDEPENDENT_STREAM if mode == "independent" else None,
+    )
+    loader = DataLoader(
+        TrainBatches(stream),
+        batch_size=None,
+        pin_memory=device.type == "cuda",
+        **loader_kwargs(cfg.workers),
+    )
     student.train()
     total_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     images = skipped = 0
@@ -226,24 +311,30 @@ def _train_epoch(cfg: TrainConfig, run: _Run, student: torch.nn.Module,
         total_loss += loss.detach() * len(item["rows"])
         images += len(item["rows"])
         if on_step:
-            on_step(epoch, step, len(batches), float(loss) if step % 10 == 0 else math.nan)
+            on_step(epoch, step, len(batches), float(loss.detach()) if step % 10 == 0 else math.nan)
     seconds = time.perf_counter() - started
     if skipped:
-        log.warning("epoch %d: skipped %d unusable rows (bad input or unreadable image)",
-                    epoch + 1, skipped)
-    return {"train_loss": float(total_loss) / max(images, 1),
-            "images_per_s": images / seconds if seconds > 0 else 0.0,
-            "seconds": seconds, "skipped_rows": skipped, "cache_epoch": cache_epoch
-            if run.cache is not None else None, "lr": schedule.get_last_lr()[0]}
+        log.warning(
+            "epoch %d: skipped %d unusable rows (bad input or unreadable image)", epoch + 1, skipped
+        )
+    return {
+        "train_loss": float(total_loss) / max(images, 1),
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+        "skipped_rows": skipped,
+        "cache_epoch": cache_epoch if run.cache is not None else None,
+        "lr": schedule.get_last_lr()[0],
+    }
 
 
-def _resume(cfg: TrainConfig, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            schedule: Any) -> int:
+def _resume(
+    cfg: TrainConfig, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any
+) -> int:
     path = os.path.join(cfg.out, "checkpoint.pt")
     if not cfg.resume:
         return 0
     if not os.path.exists(path):
-        log.info("--resume: no checkpoint in %s yet, starting from scratch", cfg.out)
+        log.debug("--resume: no checkpoint in %s yet, starting from scratch", cfg.out)
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
     student.load_state_dict(state["model"])
@@ -254,11 +345,25 @@ def _resume(cfg: TrainConfig, student: torch.nn.Module, optimizer: torch.optim.O
     return int(state["epoch"])
 
 
+def _last_metrics(out: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _write_config(cfg: TrainConfig, run: _Run) -> None:
-    resolved = {**asdict(cfg), "num_classes": run.num_classes, "view_spec": run.spec.to_dict(),
-                "resolved_plan_seed": run.plan_seed,
-                "teacher_image_size_resolved": run.teacher_image_size,
-                "train_samples": run.index.num_samples, "data_fingerprint": run.index.fingerprint,
-                "cache_epochs": len(run.cache_epochs) or None}
+    resolved = {
+        **asdict(cfg),
+        "num_classes": run.num_classes,
+        "view_spec": run.spec.to_dict(),
+        "resolved_plan_seed": run.plan_seed,
+        "teacher_image_size_resolved": run.teacher_image_size,
+        "train_samples": run.index.num_samples,
+        "data_fingerprint": run.index.fingerprint,
+        "cache_epochs": len(run.cache_epochs) or None,
+    }
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(resolved, f, indent=2)

@@ -22,17 +22,20 @@ def epoch_order(counts: list[int], seed: int, epoch: int, window: int = 4) -> np
     units = rng.permutation(len(counts))
     parts = []
     for w in range(0, len(units), window):
-        rows = np.concatenate([starts[u] + np.arange(counts[u]) for u in units[w:w + window]])
+        rows = np.concatenate([starts[u] + np.arange(counts[u]) for u in units[w : w + window]])
         parts.append(rng.permutation(rows))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def rank_batches(order: np.ndarray, batch_size: int, world: int = 1, rank: int = 0
-                 ) -> list[np.ndarray]:
+def rank_batches(
+    order: np.ndarray, batch_size: int, world: int = 1, rank: int = 0
+) -> list[np.ndarray]:
     """Split an epoch's order into this rank's batches of ``batch_size // world`` rows."""
     if batch_size % world:
-        raise KdcacheError(f"batch size {batch_size} is not divisible by {world} processes; "
-                           "set --batch-size to a multiple of the world size")
+        raise KdcacheError(
+            f"batch size {batch_size} is not divisible by {world} processes; "
+            "set --batch-size to a multiple of the world size"
+        )
     if len(order) == 0:
         raise KdcacheError("the training data has no samples")
     steps = -(-len(order) // batch_size)

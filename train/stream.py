@@ -44,6 +44,8 @@ class StreamSpec:
     cache_epoch: int = 0
     teacher_image_size: int | None = None  # online: also render the teacher's input
     need_labels: bool = False  # hard-label training: rows without a label are unusable
+    target_cache: Cache | None = None  # fixed mode: targets of each sample from its epoch 0
+    teacher_stream: int | None = None  # independent mode: the teacher's own views
 
 
 class TrainBatches(Dataset):
@@ -58,7 +60,7 @@ class TrainBatches(Dataset):
     def __init__(self, stream: StreamSpec):
         self.s = stream
         self._reader: UnitReader | None = None
-        self._units: OrderedDict[int, tuple[Views, np.ndarray, dict]] = OrderedDict()
+        self._units: OrderedDict[int, tuple] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.s.batches)
@@ -68,7 +70,7 @@ class TrainBatches(Dataset):
         if self._reader is None:  # created in the worker: it holds open files and images
             self._reader = UnitReader(s.index, capacity=8)
         rows = np.asarray(s.batches[b], dtype=np.int64)
-        views, ok, targets = self._gather(rows)
+        views, ok, targets, teacher_views = self._gather(rows)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))
         if failed:
             ok &= ~np.isin(rows, list(failed)) & ~np.isin(views.partner, list(failed))
@@ -84,38 +86,64 @@ class TrainBatches(Dataset):
         }
         for name, values in targets.items():
             item[name] = torch.from_numpy(values[ok])
-        if s.teacher_image_size:
-            item["teacher_pixels"] = (item["pixels"] if s.teacher_image_size == s.image_size
-                                      else render_views(views, rows, images, s.teacher_image_size))
+        if teacher_views is not None:  # independent: the same samples, the teacher's own views
+            item["teacher_pixels"] = render_views(
+                teacher_views.take(ok), rows, images, s.teacher_image_size or s.image_size
+            )
+        elif s.teacher_image_size:
+            item["teacher_pixels"] = (
+                item["pixels"]
+                if s.teacher_image_size == s.image_size
+                else render_views(views, rows, images, s.teacher_image_size)
+            )
         return item
 
-    def _gather(self, rows: np.ndarray) -> tuple[Views, np.ndarray, dict[str, np.ndarray]]:
-        """Views, usable mask and cached targets of ``rows``, gathered from their units."""
-        units = np.array([self.s.index.unit_index_of(int(i)) for i in rows])
-        local = rows - np.array([self.s.index.units[u].start for u in units], dtype=np.int64)
+    def _gather(
+        self, rows: np.ndarray
+    ) -> tuple[Views, np.ndarray, dict[str, np.ndarray], Views | None]:
+        """Views, usable mask, cached targets and teacher views of ``rows``, from their units."""
+        index = self.s.index
+        units = np.array([index.unit_index_of(int(i)) for i in rows])
+        local = rows - np.array([index.units[u].start for u in units], dtype=np.int64)
         parts = [self._unit(int(u)) for u in units]
-        views = Views(**{f: np.stack([getattr(p[0], f)[j] for p, j in zip(parts, local)])
-                         for f in schema.VIEW_FIELDS})
-        ok = np.array([p[1][j] for p, j in zip(parts, local)], dtype=bool)
-        if self.s.need_labels:
-            ok &= self.s.index.label[rows] >= 0
-            partner = views.partner
-            ok &= (partner < 0) | (self.s.index.label[np.maximum(partner, 0)] >= 0)
-        targets = {}
-        if self.s.cache is not None:
-            targets = {name: np.stack([p[2][name][j] for p, j in zip(parts, local)])
-                       for name in TARGET_FIELDS}
-        return views, ok, targets
 
-    def _unit(self, unit: int) -> tuple[Views, np.ndarray, dict]:
+        def pick(k: int, name: str) -> np.ndarray:
+            return np.stack([getattr(p[k], name)[j] for p, j in zip(parts, local, strict=True)])
+
+        views = Views(**{f: pick(0, f) for f in schema.VIEW_FIELDS})
+        ok = np.array([p[1][j] for p, j in zip(parts, local, strict=True)], dtype=bool)
+        if self.s.need_labels:
+            ok &= index.label[rows] >= 0
+            ok &= (views.partner < 0) | (index.label[np.maximum(views.partner, 0)] >= 0)
+        targets = {}
+        if parts[0][2]:
+            targets = {
+                name: np.stack([p[2][name][j] for p, j in zip(parts, local, strict=True)])
+                for name in TARGET_FIELDS
+            }
+        teacher_views = None
+        if self.s.teacher_stream is not None:
+            teacher_views = Views(**{f: pick(3, f) for f in schema.VIEW_FIELDS})
+        return views, ok, targets, teacher_views
+
+    def _unit(self, unit: int) -> tuple[Views, np.ndarray, dict, Views | None]:
+        """(student views, usable mask, cached targets, teacher's own views) of one unit."""
         if unit not in self._units:
             s = self.s
-            if s.cache is None:
-                views, ok = fresh_unit_views(s.index, unit, s.spec, s.plan_seed, s.epoch)
-                self._units[unit] = (views, ok, {})
+            if s.cache is not None:
+                views, ok, targets = cached_unit_views(s.cache, s.index, unit, s.cache_epoch)
             else:
-                self._units[unit] = cached_unit_views(s.cache, s.index, unit, s.cache_epoch)
+                views, ok = fresh_unit_views(s.index, unit, s.spec, s.plan_seed, s.epoch)
+                targets = {}
+            if s.target_cache is not None:
+                _, cached_ok, targets = cached_unit_views(s.target_cache, s.index, unit, 0)
+                ok = ok & cached_ok
+            teacher_views = None
+            if s.teacher_stream is not None:
+                teacher_views, _ = fresh_unit_views(
+                    s.index, unit, s.spec, s.plan_seed, s.epoch, s.teacher_stream
+                )
+            self._units[unit] = (views, ok, targets, teacher_views)
             while len(self._units) > _UNITS_KEPT:
                 self._units.popitem(last=False)
         return self._units[unit]
-

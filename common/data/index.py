@@ -68,8 +68,9 @@ class DatasetIndex:
     width), (0, 0) when the image is unreadable.
     """
 
-    def __init__(self, units: list[Unit], key_hash: np.ndarray, label: np.ndarray,
-                 size: np.ndarray):
+    def __init__(
+        self, units: list[Unit], key_hash: np.ndarray, label: np.ndarray, size: np.ndarray
+    ):
         self.units = units
         self.key_hash = np.asarray(key_hash, dtype=np.uint64)
         self.label = np.asarray(label, dtype=np.int64)
@@ -102,9 +103,14 @@ class DatasetIndex:
 
     def describe(self) -> dict:
         """Unit table for cache attributes and ``--json`` output (no paths)."""
-        return {"fingerprint": self.fingerprint, "num_samples": self.num_samples,
-                "units": [{"name": u.name, "count": u.count, "content_hash": u.content_hash,
-                           "start": u.start} for u in self.units]}
+        return {
+            "fingerprint": self.fingerprint,
+            "num_samples": self.num_samples,
+            "units": [
+                {"name": u.name, "count": u.count, "content_hash": u.content_hash, "start": u.start}
+                for u in self.units
+            ],
+        }
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -112,8 +118,13 @@ class DatasetIndex:
         meta = {"version": INDEX_VERSION, "units": [asdict(u) for u in self.units]}
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), key_hash=self.key_hash,
-                     label=self.label, size=self.size)
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta)),
+                key_hash=self.key_hash,
+                label=self.label,
+                size=self.size,
+            )
         os.replace(tmp, path)
 
     @classmethod
@@ -135,7 +146,9 @@ def _hash_file(path: str) -> str:
 
 def _index_path_candidates(urls: list[str]) -> list[str]:
     names = hashlib.sha256("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()
-    here = os.path.join(os.path.dirname(os.path.abspath(urls[0])), f"_kdcache_index-{names[:12]}.npz")
+    here = os.path.join(
+        os.path.dirname(os.path.abspath(urls[0])), f"_kdcache_index-{names[:12]}.npz"
+    )
     where = hashlib.sha256("\n".join(os.path.abspath(u) for u in urls).encode()).hexdigest()
     cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     return [here, os.path.join(cache_home, "kdcache", "index", f"{where[:24]}.npz")]
@@ -150,13 +163,26 @@ def build_index(urls: list[str], progress: Callable[[int], None] | None = None) 
         samples = read_unit(url)
         stat = os.stat(url)
         name = os.path.basename(url)
-        units.append(Unit(name, os.path.abspath(url), start, len(samples), _hash_file(url),
-                          stat.st_size, stat.st_mtime_ns))
+        units.append(
+            Unit(
+                name,
+                os.path.abspath(url),
+                start,
+                len(samples),
+                _hash_file(url),
+                stat.st_size,
+                stat.st_mtime_ns,
+            )
+        )
         for s in samples:
             h = key_hash(s.key)
             if h in seen:
-                log.warning("sample key %r appears in %s and %s; keys should be unique",
-                            s.key, seen[h], name)
+                log.warning(
+                    "sample key %r appears in %s and %s; keys should be unique",
+                    s.key,
+                    seen[h],
+                    name,
+                )
             seen[h] = name
             keys.append(h)
             labels.append(s.label)
@@ -164,8 +190,12 @@ def build_index(urls: list[str], progress: Callable[[int], None] | None = None) 
         start += len(samples)
         if progress:
             progress(len(samples))
-    return DatasetIndex(units, np.array(keys, dtype=np.uint64), np.array(labels, dtype=np.int64),
-                        np.array(sizes, dtype=np.int64).reshape(-1, 2))
+    return DatasetIndex(
+        units,
+        np.array(keys, dtype=np.uint64),
+        np.array(labels, dtype=np.int64),
+        np.array(sizes, dtype=np.int64).reshape(-1, 2),
+    )
 
 
 def _fresh(index: DatasetIndex, urls: list[str]) -> bool:
@@ -181,8 +211,9 @@ def _fresh(index: DatasetIndex, urls: list[str]) -> bool:
     return True
 
 
-def load_index(data: str, rebuild: bool = False,
-               progress: Callable[[int], None] | None = None) -> DatasetIndex:
+def load_index(
+    data: str, rebuild: bool = False, progress: Callable[[int], None] | None = None
+) -> DatasetIndex:
     """The index of DATA: the saved one when still fresh, else built now and saved."""
     urls = expand_data(data)
     candidates = _index_path_candidates(urls)

@@ -49,7 +49,7 @@ class ShardWriter:
         if self._tar is None or self._count == self.shard_size:
             self.close()
             path = os.path.join(self.out, f"{self.prefix}-{len(self.paths):06d}.tar")
-            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
             self.paths.append(path)
             self._count = 0
         self._add(f"{key}.{ext}", image)
@@ -77,8 +77,9 @@ def digits_samples(split: str, seed: int = 0) -> Iterator[tuple[str, bytes, str,
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise KdcacheError("the digits source needs scikit-learn: pip install 'kdcache[demo]'"
-                           ) from None
+        raise KdcacheError(
+            "the digits source needs scikit-learn: pip install 'kdcache[demo]'"
+        ) from None
     digits = load_digits()
     n = len(digits.target)
     perm = np.random.default_rng(20220611).permutation(n)  # the split never moves
@@ -87,13 +88,15 @@ def digits_samples(split: str, seed: int = 0) -> Iterator[tuple[str, bytes, str,
     chosen = np.random.default_rng(seed).permutation(chosen)
     for i in chosen:
         small = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
-        big = np.asarray(Image.fromarray(small).resize((DIGITS_SIZE, DIGITS_SIZE),
-                                                       Image.Resampling.BILINEAR))
+        big = np.asarray(
+            Image.fromarray(small).resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR)
+        )
         yield f"digits-{i:05d}", _png(big), "png", int(digits.target[i])
 
 
-def imagefolder_samples(root: str, split: str, seed: int = 0
-                        ) -> Iterator[tuple[str, bytes, str, int]]:
+def imagefolder_samples(
+    root: str, split: str, seed: int = 0
+) -> Iterator[tuple[str, bytes, str, int]]:
     """torchvision's ImageFolder layout ``root/CLASS/IMAGE`` (or ``root/SPLIT/CLASS/IMAGE``);
     classes are numbered in sorted order; image bytes are stored as they are."""
     base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
@@ -117,9 +120,15 @@ def imagefolder_samples(root: str, split: str, seed: int = 0
             yield f"{split}-{n:08d}", f.read(), ext, label
 
 
-def write_shards(source: str, out: str, split: str = "train", shard_size: int = 1000,
-                 seed: int = 0, limit: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[str]:
+def write_shards(
+    source: str,
+    out: str,
+    split: str = "train",
+    shard_size: int = 1000,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
     """Write SOURCE (``digits`` or ``imagefolder:PATH``) as shards ``OUT/SPLIT-NNNNNN.tar``."""
     if split not in ("train", "val"):
         raise KdcacheError(f"--split must be train or val, got {split!r}")

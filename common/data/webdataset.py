@@ -88,8 +88,10 @@ def read_unit(url: str) -> list[Sample]:
                 handle = tar.extractfile(member)
                 groups.setdefault(key, {})[ext] = handle.read() if handle else b""
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise KdcacheError(f"cannot read shard {url}: {e} (truncated or not a tar file?); "
-                           "re-create it or drop it from DATA") from None
+        raise KdcacheError(
+            f"cannot read shard {url}: {e} (truncated or not a tar file?); "
+            "re-create it or drop it from DATA"
+        ) from None
     samples = []
     for key, parts in groups.items():
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)

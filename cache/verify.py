@@ -1,0 +1,114 @@
+"""``kdcache verify``: re-render a random sample of cached views, re-run the teacher, compare.
+
+The views are rebuilt through :mod:`kdcache.replay`, the trainer's own path, so a pass means the
+trainer replays what the teacher saw. Across machines expect ulp-level drift of the logits (and,
+rarely, a swapped near-tie); on the machine that wrote the cache, top-1 agreement is 1.0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kdcache import schema
+from kdcache.data.index import load_index
+from kdcache.errors import KdcacheError
+from kdcache.models import create_model, weights_hash
+from kdcache.render import render_views
+from kdcache.replay import cached_unit_views
+from kdcache.runtime import prepare_model, resolve_device, teacher_logits
+from kdcache.store import open_cache
+from kdcache.units import UnitReader, needed_images
+
+log = logging.getLogger(__name__)
+
+
+def _pick(
+    done: np.ndarray, counts: list[int], samples: int, seed: int
+) -> dict[tuple[int, int], np.ndarray]:
+    """``samples`` random (epoch, unit, position) among done work units, grouped by unit."""
+    cells = np.argwhere(done)
+    if len(cells) == 0:
+        raise KdcacheError("the cache has no finished unit to verify; run `kdcache precompute`")
+    sizes = np.array([counts[u] for _, u in cells], dtype=np.int64)
+    rng = np.random.default_rng([0x7E21F1, seed])
+    flat = rng.choice(int(sizes.sum()), size=min(samples, int(sizes.sum())), replace=False)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    which = np.searchsorted(starts, flat, side="right") - 1
+    picked: dict[tuple[int, int], list[int]] = {}
+    for w, f in zip(which, flat, strict=True):
+        epoch, unit = (int(v) for v in cells[w])
+        picked.setdefault((epoch, unit), []).append(int(f - starts[w]))
+    return {key: np.sort(np.array(pos)) for key, pos in sorted(picked.items())}
+
+
+def verify(
+    cache_path: str,
+    data: str,
+    teacher_spec: str,
+    teacher_weights: str | None = None,
+    samples: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 128,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """-> {"checked", "top1_agreement", "topk_set_agreement", "max_abs_logit_error"}."""
+    cache = open_cache(cache_path)
+    index = load_index(data)
+    cache.check_identity({"data_fingerprint": index.fingerprint}, what=f"data {data}")
+    teacher = create_model(teacher_spec, cache.num_classes, teacher_weights)
+    cache.check_identity(
+        {"teacher": teacher_spec, "teacher_weights_hash": weights_hash(teacher)}, what="--teacher"
+    )
+    dev = resolve_device(device)
+    teacher = prepare_model(teacher, dev, eval_mode=True)
+    size, k = int(cache.meta["teacher_image_size"]), cache.topk
+    reader = UnitReader(index, capacity=2)
+    top1 = setk = checked = 0
+    max_err = 0.0
+    for (epoch, unit), positions in _pick(cache.done_mask(), index.counts, samples, seed).items():
+        views, ok, targets = cached_unit_views(cache, index, unit, epoch)
+        positions = positions[ok[positions]]  # bad-input rows have no teacher output to check
+        rows = index.units[unit].start + positions
+        views = views.take(positions)
+        images, _ = reader.decode(needed_images(rows, views.partner))
+        for lo in range(0, len(rows), batch_size):
+            sel = slice(lo, lo + batch_size)
+            pixels = render_views(views.take(sel), rows[sel], images, size)
+            logits = teacher_logits(teacher, pixels, dev).cpu()
+            cached_idx = torch.from_numpy(targets["topk_index"][positions[sel]].astype(np.int64))
+            cached_top = torch.from_numpy(targets["topk_logits"][positions[sel]].astype(np.float32))
+            live_idx = logits.topk(k, dim=1).indices
+            top1 += int((live_idx[:, 0] == cached_idx[:, 0]).sum())
+            setk += int((live_idx.sort(1).values == cached_idx.sort(1).values).all(1).sum())
+            err = (logits.gather(1, cached_idx) - cached_top).abs()
+            max_err = max(max_err, float(err.max()) if err.numel() else 0.0)
+            checked += len(live_idx)
+            if progress:
+                progress(len(live_idx))
+    if checked == 0:
+        raise KdcacheError("no usable row among the sampled ones (all bad input?)")
+    return {
+        "checked": checked,
+        "top1_agreement": top1 / checked,
+        "topk_set_agreement": setk / checked,
+        "max_abs_logit_error": max_err,
+        "status_counts": _status_counts(cache),
+    }
+
+
+def _status_counts(cache) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    status = cache.array("status")
+    for epoch in cache.complete_epochs():
+        values, n = np.unique(status[epoch], return_counts=True)
+        for v, c in zip(values, n, strict=True):
+            if v == schema.PADDING:
+                continue
+            name = schema.STATUS_NAMES.get(int(v), str(v))
+            counts[name] = counts.get(name, 0) + int(c)
+    return counts

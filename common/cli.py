@@ -1,0 +1,690 @@
+"""The ``kdcache`` command: thin entry points over the library, progress bars at this edge only.
+
+Errors the user can fix (:class:`~kdcache.errors.KdcacheError`) are printed as one line and exit
+with status 2; anything else is a bug and exits 1, with the traceback only under ``--debug``.
+Stage modules are imported inside each command, so ``kdcache --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from kdcache.errors import KdcacheError
+from kdcache.version import __version__
+
+log = logging.getLogger("kdcache")
+
+
+# -- output helpers ------------------------------------------------------------------------
+
+
+@contextmanager
+def _bar(total: int | None, desc: str, unit: str = "img"):
+    """A tqdm bar on stderr; yields ``update(n)``. Library logs are routed around it."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with (
+        logging_redirect_tqdm(),
+        tqdm(
+            total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, file=sys.stderr
+        ) as bar,
+    ):
+        yield bar.update
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    else:
+        human()
+
+
+def _table(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from kdcache.data.shards import write_shards
+
+    limit = 200 if args.smoke else args.limit
+    with _bar(limit, f"shards {args.split}") as update:
+        paths = write_shards(
+            args.source, args.out, args.split, args.shard_size, args.seed, limit, progress=update
+        )
+    _emit(args, {"shards": paths}, lambda: print(f"wrote {len(paths)} shards to {args.out}"))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from kdcache.data.index import load_index
+
+    with _bar(None, "index", unit="sample") as update:
+        index = load_index(args.data, rebuild=args.rebuild, progress=update)
+    result = {
+        "samples": index.num_samples,
+        "shards": len(index.units),
+        "classes": index.num_classes,
+        "fingerprint": index.fingerprint,
+        "unlabelled": int((index.label < 0).sum()),
+        "unreadable": int((index.size == 0).any(axis=1).sum()),
+    }
+    _emit(args, result, lambda: _table(list(result.items())))
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from kdcache.cache import PrecomputeConfig, precompute
+
+    cfg = PrecomputeConfig(
+        data=args.data,
+        teacher=args.teacher,
+        teacher_weights=args.teacher_weights,
+        out=args.out,
+        epochs=args.epochs,
+        topk=args.topk,
+        views=args.views,
+        plan_seed=args.plan_seed,
+        teacher_image_size=args.teacher_image_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        compile=args.compile,
+        num_classes=args.num_classes,
+    )
+    if args.smoke:
+        cfg.epochs, cfg.limit_units, cfg.batch_size = 1, 1, min(cfg.batch_size, 64)
+    with _bar(None, "precompute") as update:
+        result = precompute(cfg, progress=update)
+    _emit(
+        args,
+        result,
+        lambda: print(
+            f"{args.out}: {result['images']} views in {result['seconds']:.1f} s "
+            f"({result['images_per_s']} img/s), {result['epochs_complete']} epochs complete, "
+            f"{result['bad_rows']} bad rows"
+        ),
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kdcache.store import open_cache
+
+    summary = open_cache(args.cache).summary()
+    _emit(
+        args,
+        summary,
+        lambda: _table(
+            [(k, v) for k, v in summary.items() if k not in ("bytes_per_row_by_array", "versions")]
+        ),
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from kdcache.cache.verify import verify
+
+    samples = 16 if args.smoke else args.samples
+    with _bar(samples, "verify") as update:
+        result = verify(
+            args.cache,
+            args.data,
+            args.teacher,
+            args.teacher_weights,
+            samples,
+            args.seed,
+            args.device,
+            progress=update,
+        )
+    ok = result["top1_agreement"] >= args.min_agreement
+    _emit(args, result, lambda: _table(list(result.items())))
+    if not ok:
+        print(
+            f"kdcache: verify failed: top-1 agreement {result['top1_agreement']:.4f} is below "
+            f"--min-agreement {args.min_agreement}",
+            file=sys.stderr,
+        )
+    return 0 if ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kdcache.train import TrainConfig
+
+    keys = (
+        "data",
+        "val",
+        "student",
+        "out",
+        "epochs",
+        "teacher_mode",
+        "cache",
+        "teacher",
+        "teacher_weights",
+        "student_weights",
+        "views",
+        "plan_seed",
+        "seed",
+        "image_size",
+        "teacher_image_size",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup",
+        "clip_grad",
+        "temperature",
+        "workers",
+        "device",
+        "num_classes",
+        "resume",
+        "limit",
+    )
+    cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
+    if args.smoke:
+        cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
+        cfg.batch_size = min(cfg.batch_size, 32)
+    if cfg.teacher_mode == "fixed" and cfg.cache and not os.path.exists(cfg.cache):
+        _make_fixed_cache(cfg)
+    result = _fit_with_bars(cfg)
+    _emit(args, result, lambda: _table(list(result.items())))
+    return 0
+
+
+def _make_fixed_cache(cfg: Any) -> None:
+    """The fixed teacher's predictions: a one-epoch cache of center views, made once."""
+    from kdcache.cache import PrecomputeConfig, precompute
+
+    if not cfg.teacher:
+        raise KdcacheError(
+            f"no cache at {cfg.cache}; to make the fixed teacher's cache there, "
+            "name the teacher with --teacher (and --teacher-weights)"
+        )
+    log.info("making the fixed teacher's cache %s (center views, 1 epoch)", cfg.cache)
+    pre = PrecomputeConfig(
+        data=cfg.data,
+        teacher=cfg.teacher,
+        teacher_weights=cfg.teacher_weights,
+        out=cfg.cache,
+        epochs=1,
+        views="center",
+        plan_seed=cfg.plan_seed or 0,
+        teacher_image_size=cfg.teacher_image_size or cfg.image_size,
+        workers=cfg.workers,
+        device=cfg.device,
+    )
+    with _bar(None, "fixed teacher") as update:
+        precompute(pre, progress=update)
+
+
+def _fit_with_bars(cfg: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from kdcache.train import fit
+
+    bar: list[tqdm] = []
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        if step == 0 or not bar:
+            if bar:
+                bar.pop().close()
+            bar.append(
+                tqdm(
+                    total=steps,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                    leave=False,
+                )
+            )
+        bar[0].update(1)
+        if loss == loss:  # not NaN: fit reports the loss every few steps
+            bar[0].set_postfix(loss=f"{loss:.4f}")
+
+    def on_epoch(metrics: dict[str, Any]) -> None:
+        if bar:
+            bar.pop().close()
+
+    with logging_redirect_tqdm():
+        try:
+            return fit(cfg, on_step=on_step, on_epoch=on_epoch)
+        finally:
+            if bar:
+                bar.pop().close()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdcache.train.evaluate import evaluate_saved
+
+    result = evaluate_saved(
+        args.model_path,
+        args.data,
+        args.model,
+        args.image_size,
+        args.num_classes,
+        args.teacher,
+        args.teacher_weights,
+        args.teacher_image_size,
+        args.device,
+        args.workers,
+    )
+    _emit(args, result, lambda: _table(list(result.items())))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from kdcache.ablate import DEFAULT_MODES, AblateConfig, ablate, format_table, with_smoke
+
+    def ints(text: str | None) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+        except ValueError:
+            raise KdcacheError(f"--patience takes epochs like 10,30,100, got {text!r}") from None
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
+    cfg = AblateConfig(
+        data=args.data,
+        val=args.val,
+        teacher=args.teacher,
+        teacher_weights=args.teacher_weights,
+        student=args.student,
+        epochs=args.epochs,
+        out=args.out,
+        modes=modes or DEFAULT_MODES,
+        seeds=args.seeds,
+        patience=ints(args.patience),
+        plan_seed=args.plan_seed,
+        image_size=args.image_size,
+        teacher_image_size=args.teacher_image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        clip_grad=args.clip_grad,
+        temperature=args.temperature,
+        workers=args.workers,
+        device=args.device,
+        limit=args.limit,
+    )
+    if args.smoke:
+        cfg = with_smoke(cfg)
+    results = ablate(cfg, fit=_fit_with_bars, bar=_bar)
+    where = f"wrote {args.out}/ablation.json, ablation.md, ablation.png"
+    _emit(
+        args,
+        {k: v for k, v in results.items() if k != "config"},
+        lambda: print(format_table(results) + "\n\n" + where),
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdcache.demo import run_demo
+
+    report = run_demo(
+        args.out,
+        smoke=args.smoke,
+        workers=args.workers,
+        device=args.device,
+        bar=_bar,
+        fit=_fit_with_bars,
+    )
+    from kdcache.demo import format_report
+
+    _emit(args, report, lambda: print(format_report(report)))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, json_out: bool = True, smoke: bool = False) -> None:
+    g = p.add_argument_group("general")
+    g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    if json_out:
+        g.add_argument(
+            "--json",
+            action="store_true",
+            help="print the result as one JSON object (the last line of output)",
+        )
+    if smoke:
+        g.add_argument(
+            "--smoke", action="store_true", help="shrink the job to seconds, for a first try"
+        )
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available) [auto]"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes that decode and render (0: in-process) [2]",
+    )
+
+
+def _views(p: argparse.ArgumentParser, default: str | None) -> None:
+    from kdcache.views import PRESETS
+
+    p.add_argument(
+        "--views",
+        choices=list(PRESETS),
+        default=default,
+        help="view preset: function_matching (crop+flip+mixup), consistent "
+        "(crop+flip), center (no randomness)"
+        + (f" [{default}]" if default else " [the cache's in cached mode, else function_matching]"),
+    )
+    p.add_argument(
+        "--plan-seed",
+        type=int,
+        default=0 if default else None,
+        help="seed of the views (not of the model or order) [0]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Patient and consistent knowledge distillation with a precomputed teacher "
+        "cache. Typical flow: shards -> precompute -> train (cached) -> eval.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `kdcache COMMAND --help` for a command's options; `make demo` runs the "
+        "whole flow on the bundled digits data.",
+    )
+    parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "shards",
+        help="write WebDataset tar shards from an image source",
+        description="Write KEY.{png,jpg} + KEY.cls tar shards OUT/SPLIT-NNNNNN.tar.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="digits (scikit-learn's bundled 8x8 digits, upscaled) or imagefolder:PATH",
+    )
+    p.add_argument("--out", required=True, help="directory for the shards")
+    p.add_argument("--split", default="train", choices=["train", "val"], help="[train]")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard [1000]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order inside the split [0]")
+    p.add_argument("--limit", type=int, default=None, help="write at most N samples")
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser(
+        "index",
+        help="index shards: counts, key hashes, labels, fingerprint",
+        description="Read DATA once and save its index next to the shards "
+        "(or in ~/.cache/kdcache when that is read-only).",
+    )
+    p.add_argument(
+        "data",
+        help="shard directory, brace pattern dir/train-{000000..000009}.tar, "
+        "or a comma-separated list",
+    )
+    p.add_argument("--rebuild", action="store_true", help="re-read the shards even if indexed")
+    _common(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "precompute",
+        help="run the teacher over many epochs of views -> cache",
+        description="Render the teacher's views for every (epoch, shard), run the "
+        "teacher and write top-k logits with the view parameters to a "
+        "Zarr cache. Re-running the same command resumes; a larger "
+        "--epochs extends the cache.",
+    )
+    p.add_argument("--data", required=True, help="training shards (see `kdcache index`)")
+    p.add_argument("--teacher", required=True, help="model spec, e.g. torchvision:resnet50")
+    p.add_argument("--teacher-weights", help="state dict of the teacher (model.pt of a run)")
+    p.add_argument("--out", required=True, help="cache path (a directory, conventionally .zarr)")
+    p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
+    p.add_argument("--topk", type=int, default=None, help="logits kept per view [min(10, C)]")
+    _views(p, "function_matching")
+    p.add_argument("--teacher-image-size", type=int, default=224, help="teacher input px [224]")
+    p.add_argument("--batch-size", type=int, default=256, help="[256]")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="teacher outputs [largest label + 1]"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    _device(p)
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a cache",
+        description="Epochs done, rows, "
+        "bytes per row on disk, teacher, view spec, data fingerprint.",
+    )
+    p.add_argument("cache")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "verify",
+        help="re-run the teacher on sampled cached views and compare",
+        description="Re-render N random cached views exactly as the trainer "
+        "does, re-run the teacher, report agreement. Exits 1 when "
+        "top-1 agreement is below --min-agreement.",
+    )
+    p.add_argument("cache")
+    p.add_argument("--data", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher-weights")
+    p.add_argument("--samples", type=int, default=256, help="views to check [256]")
+    p.add_argument("--seed", type=int, default=0, help="which views are sampled [0]")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="[0.99]")
+    _device(p)
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "train",
+        help="train a student (cached, online or hard-label teacher)",
+        description="Stream the shards, replay or draw the views, train the "
+        "student. Writes OUT/config.json, metrics.jsonl, "
+        "checkpoint.pt and model.pt.",
+    )
+    _add_train_options(p)
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "ablate",
+        help="train one student under every teacher mode, compare",
+        description="The teacher grid of Beyer et al. 2022 on one data path: "
+        "builds the caches the modes need (reusing existing ones), "
+        "trains every mode with the same student, budget and seeds, "
+        "writes OUT/ablation.json, ablation.md and ablation.png.",
+    )
+    p.add_argument("--data", required=True, help="training shards")
+    p.add_argument("--val", required=True, help="held-out shards")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher-weights")
+    p.add_argument("--student", required=True)
+    p.add_argument("--epochs", type=int, required=True, help="student epochs of every mode")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated TEACHER_MODE[:PRESET] (default: none, fixed, "
+        "independent, online:consistent, cached:consistent, "
+        "online:function_matching, cached:function_matching)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds of the student's init and order; views and caches stay fixed [1]",
+    )
+    p.add_argument(
+        "--patience",
+        default=None,
+        help="comma-separated budgets (epochs) for the function-matching modes: "
+        "the paper's patience curve",
+    )
+    p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
+    p.add_argument("--plan-seed", type=int, default=0, help="seed of the views [0]")
+    p.add_argument("--image-size", type=int, default=224, help="[224]")
+    p.add_argument("--teacher-image-size", type=int, default=None, help="[--image-size]")
+    p.add_argument("--batch-size", type=int, default=256, help="[256]")
+    p.add_argument("--lr", type=float, default=1e-3, help="[1e-3]")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="[1e-4]")
+    p.add_argument("--warmup", type=float, default=1.0, help="[1]")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="[1]")
+    p.add_argument("--temperature", type=float, default=1.0, help="[1]")
+    _device(p)
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a saved model on center views",
+        description="Score a run directory (its model.pt and config.json) or a weights file.",
+    )
+    p.add_argument("model_path", metavar="RUN_OR_WEIGHTS")
+    p.add_argument("--data", required=True, help="evaluation shards")
+    p.add_argument("--model", help="model spec [the run's student]")
+    p.add_argument("--image-size", type=int, default=None, help="[the run's, else 224]")
+    p.add_argument("--num-classes", type=int, default=None, help="[the run's, else from labels]")
+    p.add_argument("--teacher", help="also report top-1 agreement with this teacher")
+    p.add_argument("--teacher-weights")
+    p.add_argument("--teacher-image-size", type=int, default=None, help="[--image-size]")
+    _device(p)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole flow on the bundled digits data (~5 min on CPU)",
+        description="digits shards -> teacher (hard labels) -> function-matching "
+        "cache -> the same student three ways (hard labels, online "
+        "teacher, cached teacher) -> OUT/report.json, "
+        "OUT/accuracy.png.",
+    )
+    p.add_argument("--out", default="runs/demo", help="[runs/demo]")
+    _device(p)
+    _common(p, smoke=True)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from kdcache.train.config import TEACHER_MODES
+
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data", required=True, help="training shards")
+    g.add_argument("--val", required=True, help="held-out shards (center views)")
+    g.add_argument("--out", required=True, help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    g.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="train on the first N samples only (by global index)",
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--student", required=True, help="model spec, e.g. kdcache:resnet_s")
+    g.add_argument("--student-weights", help="initial weights of the student")
+    g.add_argument(
+        "--teacher-mode",
+        choices=TEACHER_MODES,
+        default="cached",
+        help="where targets come from: cached (replay the --cache), online (run --teacher on "
+        "the same views), fixed (the teacher's center-view predictions: a one-epoch --cache, "
+        "made on first use), independent (--teacher on its own random view), none (hard "
+        "labels) [cached]",
+    )
+    g.add_argument("--cache", help="cache made by `kdcache precompute` (cached mode)")
+    g.add_argument(
+        "--teacher",
+        help="teacher spec (online mode; in cached mode it is checked "
+        "against the cache and used for val agreement)",
+    )
+    g.add_argument("--teacher-weights")
+    g.add_argument("--num-classes", type=int, default=None, help="[the cache's, or from labels]")
+    g = p.add_argument_group("views")
+    _views(g, None)
+    g.add_argument("--image-size", type=int, default=224, help="student input px [224]")
+    g.add_argument(
+        "--teacher-image-size",
+        type=int,
+        default=None,
+        help="teacher input px [the cache's, or --image-size]",
+    )
+    g = p.add_argument_group("optimisation (Beyer et al. 2022 names)")
+    g.add_argument("--epochs", type=int, required=True)
+    g.add_argument("--batch-size", type=int, default=256, help="[256]")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate [1e-3]")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        help="AdamW weight decay (PyTorch convention, multiplied by lr) [1e-4]",
+    )
+    g.add_argument("--warmup", type=float, default=1.0, help="epochs of linear warm-up [1]")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0 off [1]")
+    g.add_argument("--temperature", type=float, default=1.0, help="distillation T [1]")
+    g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
+    _device(g)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger("kdcache")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except KdcacheError as e:
+        if args.debug:
+            raise
+        print(f"kdcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable output, full disk, missing file: the OS said it best
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kdcache {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"kdcache {args.command}: internal error: {type(e).__name__}: {e} "
+            "(re-run with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
