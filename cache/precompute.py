@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache import schema
+from kdcache import dist, schema
 from kdcache.cache.writer import UnitWriter
 from kdcache.data.index import DatasetIndex, load_index
+from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, weights_hash
 from kdcache.render import render_views
@@ -129,15 +130,21 @@ class _WorkBatches(Dataset):
 
 
 def _plan_work(
-    cache: Cache, epochs: int, batch_size: int, limit_units: int | None
+    cache: Cache, epochs: int, batch_size: int, limit_units: int | None, place: Dist | None = None
 ) -> list[tuple[int, int, int, int]]:
-    """(epoch, unit, lo, hi) batches of every work unit not yet done, epoch-major."""
+    """(epoch, unit, lo, hi) batches of this rank's work units not yet done, epoch-major.
+
+    Work unit (e, u) belongs to rank ``(e * units + u) % world``: a pure function of the unit,
+    so ranks agree without talking, whenever each of them reads the done marks, and a resumed
+    job may use any number of ranks (the done marks, not the assignment, say what is left).
+    """
+    place = place or Dist()
     done = cache.done_mask()
     n_units = len(cache.units) if limit_units is None else min(limit_units, len(cache.units))
     batches = []
     for epoch in range(epochs):
         for unit in range(n_units):
-            if done[epoch, unit]:
+            if done[epoch, unit] or (epoch * len(cache.units) + unit) % place.world != place.rank:
                 continue
             count = int(cache.units[unit]["count"])
             batches += [
@@ -173,7 +180,8 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
     """
     if cfg.epochs < 1:
         raise KdcacheError(f"--epochs must be at least 1, got {cfg.epochs}")
-    device = resolve_device(cfg.device)
+    place, device_name = dist.setup(cfg.device)
+    device = resolve_device(device_name)
     spec = get_spec(cfg.views)
     index = load_index(cfg.data)
     num_classes = cfg.num_classes or index.num_classes
@@ -196,9 +204,15 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
         num_classes,
         cfg.teacher_image_size,
     )
-    cache = _open_or_create(cfg, index, identity)
+    # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
+    # once it is there, and every rank checks it is the cache this job means.
+    cache = _open_or_create(cfg, index, identity) if place.main else None
+    place.barrier()
+    if cache is None:
+        cache = open_cache(cfg.out, mode="a")
+        cache.check_identity(identity, what="this precompute job")
     teacher = prepare_model(teacher, device, eval_mode=True, compile=cfg.compile)
-    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, cfg.limit_units)
+    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, cfg.limit_units, place)
     total = sum(hi - lo for _, _, lo, hi in batches)
     log.info(
         "precompute: %d images to do in %d batches (%d epochs, %d units)",
@@ -210,13 +224,16 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
     started = time.perf_counter()
     stats = _run(cache, teacher, device, index, spec, cfg, batches, k, progress)
     seconds = time.perf_counter() - started
+    # Every rank's units are committed before anyone reports; the counts are the job's.
+    total, bad, units = (int(v) for v in place.sum([total, stats["bad"], stats["units"]], device))
     return {
         "cache": cfg.out,
         "images": total,
         "seconds": round(seconds, 3),
         "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
-        "bad_rows": stats["bad"],
-        "units_written": stats["units"],
+        "bad_rows": bad,
+        "units_written": units,
+        "world_size": place.world,
         "epochs_complete": len(cache.complete_epochs()),
         "config": asdict(cfg),
     }

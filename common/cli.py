@@ -20,6 +20,8 @@ from kdcache.errors import KdcacheError
 from kdcache.version import __version__
 
 log = logging.getLogger("kdcache")
+# Under torchrun only rank 0 draws progress bars and prints results; the others log warnings.
+MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 
 
 # -- output helpers ------------------------------------------------------------------------
@@ -34,13 +36,21 @@ def _bar(total: int | None, desc: str, unit: str = "img"):
     with (
         logging_redirect_tqdm(),
         tqdm(
-            total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, file=sys.stderr
+            total=total,
+            desc=desc,
+            unit=unit,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            file=sys.stderr,
+            disable=not MAIN_PROCESS,
         ) as bar,
     ):
         yield bar.update
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: Callable[[], None]) -> None:
+    if not MAIN_PROCESS:
+        return
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))
     else:
@@ -248,6 +258,7 @@ def _fit_with_bars(cfg: Any) -> dict[str, Any]:
                     dynamic_ncols=True,
                     file=sys.stderr,
                     leave=False,
+                    disable=not MAIN_PROCESS,
                 )
             )
         bar[0].update(1)
@@ -388,7 +399,11 @@ def _views(p: argparse.ArgumentParser, default: str | None) -> None:
         default=default,
         help="view preset: function_matching (crop+flip+mixup), consistent "
         "(crop+flip), center (no randomness)"
-        + (f" [{default}]" if default else " [the cache's in cached mode, else function_matching]"),
+        + (
+            f" [{default}]"
+            if default
+            else " [cached: the cache's; fixed, independent: consistent; else function_matching]"
+        ),
     )
     p.add_argument(
         "--plan-seed",
@@ -614,7 +629,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "made on first use), independent (--teacher on its own random view), none (hard "
         "labels) [cached]",
     )
-    g.add_argument("--cache", help="cache made by `kdcache precompute` (cached mode)")
+    g.add_argument(
+        "--cache",
+        help="cached mode: a cache made by `kdcache precompute`; fixed mode: the teacher's "
+        "one-epoch center-view cache (made there on first use when --teacher is given)",
+    )
     g.add_argument(
         "--teacher",
         help="teacher spec (online mode; in cached mode it is checked "
@@ -649,7 +668,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    quiet = args.quiet or not MAIN_PROCESS
+    level = logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
@@ -688,3 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if "torch.distributed" in sys.modules:  # leave torchrun's process group cleanly
+            from kdcache.dist import teardown
+
+            teardown()

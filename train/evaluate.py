@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache.data.index import DatasetIndex, load_index
+from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
@@ -43,12 +44,16 @@ def evaluate(
     workers: int = 0,
     teacher: torch.nn.Module | None = None,
     teacher_image_size: int | None = None,
+    place: Dist | None = None,
 ) -> dict[str, float]:
     """-> {"accuracy": top-1 on labelled samples, "teacher_agreement": top-1 agreement}."""
     was_training = model.training
     model.eval()
+    place = place or Dist()
+    batches = eval_batches(index, image_size, teacher_image_size if teacher else None)
+    mine = list(range(place.rank, len(batches), place.world))  # ranks split the val set
     loader = DataLoader(
-        eval_batches(index, image_size, teacher_image_size if teacher else None),
+        torch.utils.data.Subset(batches, mine),
         batch_size=None,
         **loader_kwargs(workers),
     )
@@ -65,6 +70,7 @@ def evaluate(
                 t = teacher(item["teacher_pixels"].to(device, non_blocking=True)).argmax(1).cpu()
             agree += int((pred == t).sum())
     model.train(was_training)
+    correct, labelled, agree, seen = place.sum([correct, labelled, agree, seen], device)
     out = {"accuracy": correct / max(labelled, 1)}
     if teacher is not None:
         out["teacher_agreement"] = agree / max(seen, 1)

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from kdcache import dist
 from kdcache import targets as T
 from kdcache.data.index import DatasetIndex, load_index
+from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.models import create_model, weights_hash
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
@@ -167,6 +170,13 @@ def _loss(cfg: TrainConfig, logits: torch.Tensor, target: T.SparseTarget) -> tor
     return T.kl_divergence(logits, target, cfg.temperature)
 
 
+def _zero_loss(student: torch.nn.Module, size: int, device: torch.device) -> torch.Tensor:
+    """A loss of exactly zero that still touches every parameter (an empty DDP step)."""
+    with autocast(device):
+        out = student(torch.zeros(2, 3, size, size, device=device))
+    return out.float().sum() * 0.0
+
+
 def _save_atomic(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -190,41 +200,56 @@ def fit(
 ) -> dict[str, Any]:
     """Train a student as ``cfg`` says. Returns the final metrics and the run directory."""
     cfg.validate()
-    _prepare_out(cfg)
-    device = resolve_device(cfg.device)
+    place, device_name = dist.setup(cfg.device)
+    if place.main:
+        _prepare_out(cfg)
+    place.barrier()
+    device = resolve_device(device_name)
     run = _resolve(cfg, device)
+    # Every rank builds the same initial student from --seed; DDP keeps them equal after.
     student = create_model(cfg.student, run.num_classes, cfg.student_weights, seed=cfg.seed)
     student = prepare_model(student, device, eval_mode=False)
+    if place.enabled:
+        student = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    bare = student.module if place.enabled else student  # what checkpoints and eval see
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
     steps_per_epoch = -(-samples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
     )
-    start_epoch = _resume(cfg, student, optimizer, schedule)
-    _write_config(cfg, run)
+    start_epoch = _resume(cfg, bare, optimizer, schedule)
+    if place.main:
+        _write_config(cfg, run)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if start_epoch else {}
     if start_epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
-        metrics = _train_epoch(cfg, run, student, optimizer, schedule, device, epoch, on_step)
+        metrics = _train_epoch(
+            cfg, run, student, optimizer, schedule, device, epoch, on_step, place
+        )
         scores = evaluate(
-            student,
+            bare,
             run.val,
             cfg.image_size,
             device,
             cfg.workers,
             run.teacher,
             run.teacher_image_size,
+            place,
         )
         metrics["val_accuracy"] = scores.pop("accuracy")
         metrics.update(scores)
         metrics = {"epoch": epoch + 1, **metrics}
+        if not place.main:
+            continue
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         _save_atomic(
             {
-                "model": student.state_dict(),
+                "model": bare.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "epoch": epoch + 1,
@@ -233,7 +258,7 @@ def fit(
             },
             os.path.join(cfg.out, "checkpoint.pt"),
         )
-        _save_atomic(student.state_dict(), os.path.join(cfg.out, "model.pt"))
+        _save_atomic(bare.state_dict(), os.path.join(cfg.out, "model.pt"))
         log.info(
             "epoch %d/%d  loss %.4f  val acc %.4f%s  %.0f img/s%s",
             epoch + 1,
@@ -248,6 +273,7 @@ def fit(
         )
         if on_epoch:
             on_epoch(metrics)
+    place.barrier()  # rank 0's last files are written before any rank returns
     return {"out": cfg.out, **metrics}
 
 
@@ -260,11 +286,12 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
     on_step: StepHook | None,
+    place: Dist,
 ) -> dict[str, Any]:
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:
         order = order[order < cfg.limit]
-    batches = rank_batches(order, cfg.batch_size)
+    batches = rank_batches(order, cfg.batch_size, place.world, place.rank)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
     mode = cfg.teacher_mode
     stream = StreamSpec(
@@ -294,14 +321,18 @@ def _train_epoch(
     for step, item in enumerate(loader):
         skipped += item["skipped"]
         if len(item["rows"]) == 0:
-            continue
-        pixels = item["pixels"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        target = _target(cfg, run, item, device)
-        with autocast(device):
-            logits = student(pixels)
-        loss = _loss(cfg, logits.float(), target)
+            if not place.enabled:
+                continue
+            # Every rank must step together under DDP: contribute a zero gradient instead.
+            loss = _zero_loss(student, cfg.image_size, device)
+        else:
+            pixels = item["pixels"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            target = _target(cfg, run, item, device)
+            with autocast(device):
+                logits = student(pixels)
+            loss = _loss(cfg, logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -311,17 +342,21 @@ def _train_epoch(
         total_loss += loss.detach() * len(item["rows"])
         images += len(item["rows"])
         if on_step:
-            on_step(epoch, step, len(batches), float(loss.detach()) if step % 10 == 0 else math.nan)
+            on_step(epoch, step, len(batches), float(loss.detach()) if step % 50 == 0 else math.nan)
     seconds = time.perf_counter() - started
+    loss_sum, images, skipped, seconds = place.sum(
+        [float(total_loss), images, skipped, seconds], device
+    )
+    seconds /= place.world  # the ranks ran side by side
     if skipped:
         log.warning(
             "epoch %d: skipped %d unusable rows (bad input or unreadable image)", epoch + 1, skipped
         )
     return {
-        "train_loss": float(total_loss) / max(images, 1),
+        "train_loss": loss_sum / max(images, 1),
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
-        "skipped_rows": skipped,
+        "skipped_rows": int(skipped),
         "cache_epoch": cache_epoch if run.cache is not None else None,
         "lr": schedule.get_last_lr()[0],
     }
