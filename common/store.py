@@ -38,6 +38,7 @@ class Cache:
         self.mode = mode
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._pid = os.getpid()
         self.meta: dict[str, Any] = dict(self.group.attrs.get(schema.FORMAT_NAME) or {})
         if not self.meta:
             raise KdcacheError(f"{self.path} is a Zarr group but not a kdcache cache")
@@ -47,16 +48,21 @@ class Cache:
         return {"path": self.path, "mode": self.mode, "meta": self.meta}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _group=None, _arrays={})
+        self.__dict__.update(state, _group=None, _arrays={}, _pid=os.getpid())
 
     @property
     def group(self) -> zarr.Group:
-        if self._group is None:
+        # A forked DataLoader worker inherits the parent's handles, and with them its network
+        # sessions (s3fs, gcsfs), which do not survive a fork: each process opens its own.
+        if self._group is None or self._pid != os.getpid():
             self._group = zarr.open_group(self.path, mode="r" if self.mode == "r" else "r+")
+            self._arrays = {}
+            self._pid = os.getpid()
         return self._group
 
     def array(self, name: str) -> zarr.Array:
-        if name not in self._arrays:
+        if name not in self._arrays or self._pid != os.getpid():
+            self.group  # noqa: B018 (reopens after a fork)
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 

@@ -56,11 +56,12 @@ class _Run:
 
 
 def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
-    index = load_index(cfg.data)
-    val = load_index(cfg.val)
     cache, cache_epochs = None, []
     if cfg.teacher_mode in ("cached", "fixed"):
         cache = open_cache(cfg.cache)
+    index = load_index(cfg.data)
+    val = load_index(cfg.val)
+    if cache is not None:
         _check_cache(cache, cfg, index)
         cache_epochs = cache.complete_epochs()
         if not cache_epochs:

@@ -19,16 +19,18 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import IO
 
 import numpy as np
 from PIL import Image
 
-from kdcache.data.webdataset import expand_data, read_unit
+from kdcache.data import fs
+from kdcache.data.webdataset import expand_data, read_samples
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def key_hash(key: str) -> int:
@@ -58,7 +60,7 @@ class Unit:
     count: int
     content_hash: str
     bytes: int
-    mtime_ns: int
+    stamp: str  # mtime or ETag when indexed: a changed stamp means re-index
 
 
 class DatasetIndex:
@@ -94,7 +96,7 @@ class DatasetIndex:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for u in self.units:
-            h.update(f"{os.path.basename(u.url)}\0{u.count}\0{u.content_hash}\n".encode())
+            h.update(f"{fs.basename(u.url)}\0{u.count}\0{u.content_hash}\n".encode())
         return h.hexdigest()[:32]
 
     def unit_index_of(self, i: int) -> int:
@@ -107,7 +109,13 @@ class DatasetIndex:
             "fingerprint": self.fingerprint,
             "num_samples": self.num_samples,
             "units": [
-                {"name": u.name, "count": u.count, "content_hash": u.content_hash, "start": u.start}
+                {
+                    "name": u.name,
+                    "count": u.count,
+                    "content_hash": u.content_hash,
+                    "start": u.start,
+                    "bytes": u.bytes,
+                }
                 for u in self.units
             ],
         }
@@ -136,22 +144,34 @@ class DatasetIndex:
             return cls([Unit(**u) for u in meta["units"]], z["key_hash"], z["label"], z["size"])
 
 
-def _hash_file(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+class _HashingReader:
+    """A file object that hashes what is read through it (one pass for samples and hash)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.hash = hashlib.blake2b(digest_size=16)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 20):  # the tar's end padding counts too
+            pass
+        return self.hash.hexdigest()
 
 
 def _index_path_candidates(urls: list[str]) -> list[str]:
-    names = hashlib.sha256("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()
-    here = os.path.join(
-        os.path.dirname(os.path.abspath(urls[0])), f"_kdcache_index-{names[:12]}.npz"
-    )
-    where = hashlib.sha256("\n".join(os.path.abspath(u) for u in urls).encode()).hexdigest()
+    """Next to local shards, then the user cache directory (for URLs and read-only dirs)."""
+    where = hashlib.sha256("\n".join(fs.absolute(u) for u in urls).encode()).hexdigest()
     cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return [here, os.path.join(cache_home, "kdcache", "index", f"{where[:24]}.npz")]
+    user = os.path.join(cache_home, "kdcache", "index", f"{where[:24]}.npz")
+    if fs.is_url(urls[0]):
+        return [user]
+    names = hashlib.sha256("\n".join(fs.basename(u) for u in urls).encode()).hexdigest()
+    here = os.path.join(fs.dirname(urls[0]), f"_kdcache_index-{names[:12]}.npz")
+    return [here, user]
 
 
 def build_index(urls: list[str], progress: Callable[[int], None] | None = None) -> DatasetIndex:
@@ -160,20 +180,13 @@ def build_index(urls: list[str], progress: Callable[[int], None] | None = None) 
     seen: dict[int, str] = {}
     start = 0
     for url in urls:
-        samples = read_unit(url)
-        stat = os.stat(url)
-        name = os.path.basename(url)
-        units.append(
-            Unit(
-                name,
-                os.path.abspath(url),
-                start,
-                len(samples),
-                _hash_file(url),
-                stat.st_size,
-                stat.st_mtime_ns,
-            )
-        )
+        size, marker = fs.stamp(url)
+        with fs.open_binary(url) as f:
+            reader = _HashingReader(f)
+            samples = read_samples(reader, url)
+            content_hash = reader.hexdigest()
+        name = fs.basename(url)
+        units.append(Unit(name, fs.absolute(url), start, len(samples), content_hash, size, marker))
         for s in samples:
             h = key_hash(s.key)
             if h in seen:
@@ -199,20 +212,22 @@ def build_index(urls: list[str], progress: Callable[[int], None] | None = None) 
 
 
 def _fresh(index: DatasetIndex, urls: list[str]) -> bool:
-    if [u.url for u in index.units] != [os.path.abspath(u) for u in urls]:
+    if [u.url for u in index.units] != [fs.absolute(u) for u in urls]:
         return False
     for u in index.units:
         try:
-            stat = os.stat(u.url)
-        except OSError:
+            size, marker = fs.stamp(u.url)
+        except (OSError, KdcacheError):
             return False
-        if stat.st_size != u.bytes or stat.st_mtime_ns != u.mtime_ns:
+        if size != u.bytes or marker != u.stamp:
             return False
     return True
 
 
 def load_index(
-    data: str, rebuild: bool = False, progress: Callable[[int], None] | None = None
+    data: str,
+    rebuild: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> DatasetIndex:
     """The index of DATA: the saved one when still fresh, else built now and saved."""
     urls = expand_data(data)

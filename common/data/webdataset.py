@@ -9,14 +9,12 @@ is stable, and that is what the dataset index numbers.
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 import tarfile
 from dataclasses import dataclass
+from typing import IO
 
-import braceexpand
-
+from kdcache.data import fs
 from kdcache.errors import KdcacheError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -34,31 +32,16 @@ class Sample:
 
 
 def expand_data(spec: str) -> list[str]:
-    """DATA -> shard paths, in order.
+    """DATA -> shard paths or URLs, in order.
 
     DATA is a directory (its ``*.tar`` files, sorted), a brace pattern
-    (``dir/train-{000000..000009}.tar``), a glob, a single tar, or a comma-separated list of these.
+    (``dir/train-{000000..000009}.tar``), a glob, a single tar, or a comma-separated list of
+    these; each may be a local path or an fsspec URL (``s3://bucket/train-{0..9}.tar``).
     """
     urls: list[str] = []
     for part in (p.strip() for p in str(spec).split(",")):
-        if not part:
-            continue
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise KdcacheError(f"{part} holds no .tar shards; make some with `kdcache shards`")
-            urls += found
-            continue
-        for path in braceexpand.braceexpand(part):
-            if any(c in path for c in "*?["):
-                found = sorted(glob.glob(path))
-                if not found:
-                    raise KdcacheError(f"no shard matches {path}")
-                urls += found
-            elif not os.path.exists(path):
-                raise KdcacheError(f"no such shard or directory: {path}")
-            else:
-                urls.append(path)
+        if part:
+            urls += fs.expand(part)
     if not urls:
         raise KdcacheError(f"no shards in {spec!r}; give a directory, a brace pattern or a list")
     return urls
@@ -74,10 +57,19 @@ def _parse_label(raw: bytes | None) -> int:
 
 
 def read_unit(url: str) -> list[Sample]:
-    """All samples of one shard, in file order. A damaged tar raises :class:`KdcacheError`."""
+    """All samples of one shard (a path or URL), in file order."""
+    try:
+        with fs.open_binary(url) as f:
+            return read_samples(f, url)
+    except FileNotFoundError:
+        raise KdcacheError(f"shard {url} is gone; re-index the data or restore it") from None
+
+
+def read_samples(f: IO[bytes], url: str) -> list[Sample]:
+    """Samples of the tar stream ``f`` in file order; a damaged tar raises naming ``url``."""
     groups: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(url, mode="r|*") as tar:
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
