@@ -25,7 +25,7 @@ from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, weights_hash
-from kdcache.render import render_views
+from kdcache.render import RENDERER, render_views
 from kdcache.runtime import (
     library_versions,
     loader_kwargs,
@@ -84,6 +84,7 @@ def cache_identity(
         "topk": k,
         "num_classes": num_classes,
         "teacher_image_size": image_size,
+        "renderer": RENDERER,
     }
 
 

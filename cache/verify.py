@@ -17,7 +17,7 @@ from kdcache import schema
 from kdcache.data.index import load_index
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, weights_hash
-from kdcache.render import render_views
+from kdcache.render import RENDERER, render_views
 from kdcache.replay import cached_unit_views
 from kdcache.runtime import prepare_model, resolve_device, teacher_logits
 from kdcache.store import open_cache
@@ -59,7 +59,9 @@ def verify(
     """-> {"checked", "top1_agreement", "topk_set_agreement", "max_abs_logit_error"}."""
     cache = open_cache(cache_path)
     index = load_index(data)
-    cache.check_identity({"data_fingerprint": index.fingerprint}, what=f"data {data}")
+    cache.check_identity(
+        {"data_fingerprint": index.fingerprint, "renderer": RENDERER}, what=f"data {data}"
+    )
     teacher = create_model(teacher_spec, cache.num_classes, teacher_weights)
     cache.check_identity(
         {"teacher": teacher_spec, "teacher_weights_hash": weights_hash(teacher)}, what="--teacher"

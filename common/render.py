@@ -5,8 +5,11 @@ with the same parameters, images and size the two tensors are bit-identical, whi
 replay tests check. Each side renders at its own resolution from the same source-pixel box.
 
 Order of operations, fixed because floating point is not associative:
-crop + resize on uint8 (bilinear, antialiased) -> flip -> scale to [0, 1] float32 -> mixup
-``lam * own + (1 - lam) * partner`` with ``lam`` taken from its float16 value -> normalise.
+crop + resize in one Pillow call on the 8-bit image (bilinear, antialiased when shrinking; Pillow
+computes 8-bit resampling in fixed point, so the bytes do not depend on the CPU) -> flip ->
+scale to [0, 1] float32 -> mixup ``lam * own + (1 - lam) * partner`` with ``lam`` taken from its
+float16 value -> normalise. :data:`RENDERER` names this recipe; caches record it and the trainer
+refuses a cache rendered by another recipe.
 """
 
 from __future__ import annotations
@@ -17,63 +20,72 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from kdcache.views import Views
 
+RENDERER = "pil-bilinear-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+SourceImage = Image.Image | torch.Tensor | np.ndarray
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> (3, H, W) uint8 RGB. Raises ``OSError``/``ValueError`` when broken."""
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> decoded RGB image. Raises ``OSError``/``ValueError`` when broken."""
     with Image.open(io.BytesIO(data)) as im:
-        array = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return im.convert("RGB")  # a new, fully loaded image
 
 
-def crop_resize(image: torch.Tensor, box: np.ndarray, flip: bool, size: int) -> torch.Tensor:
-    """(3, H, W) uint8, box (top, left, height, width) -> (3, size, size) float32 in [0, 1]."""
+def _as_pil(image: SourceImage) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    array = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
+    return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB")
+
+
+def crop_resize(image: SourceImage, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
+    """Image (PIL, or (3, H, W) / (H, W, 3) uint8), box (top, left, height, width) ->
+    (size, size, 3) uint8."""
     top, left, height, width = (int(v) for v in box)
-    out = F.resized_crop(
-        image,
-        top,
-        left,
-        height,
-        width,
-        [size, size],
-        interpolation=InterpolationMode.BILINEAR,
-        antialias=True,
+    out = _as_pil(image).resize(
+        (size, size), Image.Resampling.BILINEAR, box=(left, top, left + width, top + height)
     )
-    if flip:
-        out = out.flip(-1)
-    return out.float().div_(255.0)
+    array = np.asarray(out)
+    return array[:, ::-1] if flip else array
 
 
 def render_views(
     views: Views,
     rows: np.ndarray,
-    images: Mapping[int, torch.Tensor],
+    images: Mapping[int, SourceImage],
     size: int,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Render ``views`` rows for samples ``rows`` (global indices) -> (B, 3, size, size) float32.
+    """Render ``views`` of samples ``rows`` (global indices) -> (B, 3, size, size) float32.
 
-    images: decoded (3, H, W) uint8 images by global index; partners must be present too.
+    images: decoded images by global index; mixing partners must be present too.
     """
-    out = torch.empty(len(rows), 3, size, size, dtype=torch.float32)
+    n = len(rows)
+    own = np.empty((n, size, size, 3), dtype=np.uint8)
+    other = np.zeros((n, size, size, 3), dtype=np.uint8)
     for b, i in enumerate(rows):
-        x = crop_resize(images[int(i)], views.box[b], bool(views.flip[b]), size)
+        own[b] = crop_resize(images[int(i)], views.box[b], bool(views.flip[b]), size)
         partner = int(views.partner[b])
         if partner >= 0:
-            lam = float(views.lam[b])  # exact: every float16 is a float32
-            y = crop_resize(
+            other[b] = crop_resize(
                 images[partner], views.partner_box[b], bool(views.partner_flip[b]), size
             )
-            x = x.mul_(lam).add_(y, alpha=1.0 - lam)
-        out[b] = x
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return out.sub_(m).div_(s)
+    # numpy, single-threaded: these small element-wise ops are slower under torch's thread
+    # pool on a busy CPU, and IEEE float32 arithmetic gives the same bytes either way.
+    x = own.astype(np.float32)
+    x /= np.float32(255.0)
+    mixed = views.partner >= 0
+    if mixed.any():
+        lam = views.lam[mixed].astype(np.float32).reshape(-1, 1, 1, 1)  # exact: f16 -> f32
+        y = other[mixed].astype(np.float32)
+        y /= np.float32(255.0)
+        x[mixed] = x[mixed] * lam + y * (np.float32(1.0) - lam)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

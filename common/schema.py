@@ -101,4 +101,5 @@ IDENTITY_KEYS = (
     "topk",
     "num_classes",
     "teacher_image_size",
+    "renderer",
 )

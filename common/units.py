@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
-import torch
+from PIL import Image
 
 from kdcache.data.index import DatasetIndex
 from kdcache.data.webdataset import Sample, read_unit
@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class UnitReader:
-    """Reads units of ``index`` on demand; keeps the last ``capacity`` units' samples."""
+    """Reads units of ``index`` on demand; keeps the last ``capacity`` units' samples and,
+    within a byte budget, the decoded images (a mixup partner is usually decoded already)."""
 
-    def __init__(self, index: DatasetIndex, capacity: int = 4):
+    def __init__(self, index: DatasetIndex, capacity: int = 4, image_budget: int = 256 << 20):
         self.index = index
         self.capacity = capacity
+        self.image_budget = image_budget
         self._units: OrderedDict[int, list[Sample]] = OrderedDict()
+        self._images: OrderedDict[int, Image.Image] = OrderedDict()
+        self._image_bytes = 0
 
     def samples(self, unit: int) -> list[Sample]:
         if unit in self._units:
@@ -47,11 +51,22 @@ class UnitReader:
             self._units.popitem(last=False)
         return samples
 
-    def decode(self, indices: Iterable[int]) -> tuple[dict[int, torch.Tensor], set[int]]:
-        """Decode global ``indices`` -> ({index: (3, H, W) uint8}, {indices that failed})."""
-        images: dict[int, torch.Tensor] = {}
+    def _remember(self, i: int, image: Image.Image) -> None:
+        self._images[i] = image
+        self._image_bytes += image.width * image.height * 3
+        while self._image_bytes > self.image_budget and self._images:
+            _, old = self._images.popitem(last=False)
+            self._image_bytes -= old.width * old.height * 3
+
+    def decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], set[int]]:
+        """Decode global ``indices`` -> ({index: RGB image}, {indices that failed})."""
+        images: dict[int, Image.Image] = {}
         failed: set[int] = set()
         for i in sorted(set(int(i) for i in indices)):
+            if i in self._images:
+                self._images.move_to_end(i)
+                images[i] = self._images[i]
+                continue
             unit = self.index.unit_index_of(i)
             sample = self.samples(unit)[i - self.index.units[unit].start]
             if sample.data is None:
@@ -62,6 +77,8 @@ class UnitReader:
             except (OSError, ValueError, SyntaxError) as e:
                 log.warning("cannot decode sample %s (%s): %s", sample.key, i, e)
                 failed.add(i)
+                continue
+            self._remember(i, images[i])
         return images, failed
 
 

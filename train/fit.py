@@ -26,6 +26,7 @@ from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.models import create_model, weights_hash
+from kdcache.render import RENDERER
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import Cache, open_cache
 from kdcache.train.config import DEFAULT_VIEWS, TrainConfig
@@ -114,7 +115,7 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
 
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     """Refuse a cache made from other data or with other views than this run asks for."""
-    expected: dict[str, Any] = {"data_fingerprint": index.fingerprint}
+    expected: dict[str, Any] = {"data_fingerprint": index.fingerprint, "renderer": RENDERER}
     if cfg.teacher_mode == "fixed":
         if cache.spec.name != "center":
             raise CacheMismatchError(
