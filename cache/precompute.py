@@ -60,7 +60,8 @@ class PrecomputeConfig:
     compile: bool = False
     num_classes: int | None = None  # default: from the data's labels
     chunk_rows: int | None = None
-    limit_units: int | None = None  # --smoke: only the first units' rows are computed
+    limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
+    limit_units: int | None = None  # only the first N units
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
 
@@ -213,7 +214,11 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
         cache = open_cache(cfg.out, mode="a")
         cache.check_identity(identity, what="this precompute job")
     teacher = prepare_model(teacher, device, eval_mode=True, compile=cfg.compile)
-    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, cfg.limit_units, place)
+    limit_units = cfg.limit_units
+    if cfg.limit is not None:
+        holding = sum(1 for u in index.units if u.start < cfg.limit)
+        limit_units = holding if limit_units is None else min(limit_units, holding)
+    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, limit_units, place)
     total = sum(hi - lo for _, _, lo, hi in batches)
     log.info(
         "precompute: %d images to do in %d batches (%d epochs, %d units)",

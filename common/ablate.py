@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -83,7 +82,12 @@ def parse_mode(mode: str) -> tuple[str, str]:
             f"unknown mode {mode!r}: the part before ':' must be one of {', '.join(TEACHER_MODES)}"
         )
     preset = preset or DEFAULT_PRESET[teacher_mode]
-    get_spec(preset)  # raises with the list of presets
+    spec = get_spec(preset)  # raises with the list of presets
+    if teacher_mode in ("fixed", "independent") and spec.mixes:
+        raise KdcacheError(
+            f"mode {mode!r}: {teacher_mode} teachers train on unmixed views; "
+            "use consistent or center"
+        )
     return teacher_mode, preset
 
 
@@ -104,7 +108,7 @@ def _build_caches(
             budget = longest if preset == "function_matching" else cfg.epochs
             need[preset] = max(need.get(preset, 0), budget)
         elif teacher_mode == "fixed":
-            need["center"] = 1
+            need["center"] = max(need.get("center", 0), 1)
     paths = {}
     for preset, epochs in need.items():
         path = _cache_path(cfg, preset)
@@ -174,11 +178,12 @@ def _train(
         limit=cfg.limit,
     )
     log.info("ablate: %s seed %d, %d epochs -> %s", mode, seed, epochs, run)
-    started = time.perf_counter()
     fit(train_cfg)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
-    return {"history": history, "wall_seconds": time.perf_counter() - started, "run": run}
+    # From the run's own record, so a reused run reports its training time, not the reuse's.
+    wall = sum(m.get("epoch_seconds", m["seconds"]) for m in history)
+    return {"history": history, "wall_seconds": wall, "run": run}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -115,7 +115,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
     )
     if args.smoke:
-        cfg.epochs, cfg.limit_units, cfg.batch_size = 1, 1, min(cfg.batch_size, 64)
+        # The units of the first 256 samples, one epoch: what `train --smoke` reads.
+        cfg.epochs, cfg.limit, cfg.batch_size = 1, 256, min(cfg.batch_size, 64)
     with _bar(None, "precompute") as update:
         result = precompute(cfg, progress=update)
     _emit(
@@ -205,8 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
         cfg.batch_size = min(cfg.batch_size, 32)
-    if cfg.teacher_mode == "fixed" and cfg.cache and not os.path.exists(cfg.cache):
-        _make_fixed_cache(cfg)
+    if cfg.teacher_mode == "fixed" and cfg.cache and (cfg.teacher or not os.path.exists(cfg.cache)):
+        _make_fixed_cache(cfg)  # makes, finishes or (when complete) just checks it
     result = _fit_with_bars(cfg)
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
@@ -229,6 +230,8 @@ def _make_fixed_cache(cfg: Any) -> None:
         out=cfg.cache,
         epochs=1,
         views="center",
+        num_classes=cfg.num_classes,
+        limit=cfg.limit,
         plan_seed=cfg.plan_seed or 0,
         teacher_image_size=cfg.teacher_image_size or cfg.image_size,
         workers=cfg.workers,
@@ -378,10 +381,12 @@ def _common(p: argparse.ArgumentParser, json_out: bool = True, smoke: bool = Fal
         )
 
 
-def _device(p: argparse.ArgumentParser) -> None:
+def _device(p: argparse.ArgumentParser, workers: bool = True) -> None:
     p.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available) [auto]"
     )
+    if not workers:
+        return
     p.add_argument(
         "--workers",
         type=int,
@@ -508,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=256, help="views to check [256]")
     p.add_argument("--seed", type=int, default=0, help="which views are sampled [0]")
     p.add_argument("--min-agreement", type=float, default=0.99, help="[0.99]")
-    _device(p)
+    _device(p, workers=False)
     _common(p, smoke=True)
     p.set_defaults(func=cmd_verify)
 

@@ -110,3 +110,42 @@ def tiny_cache(tmp_path_factory, train_dir) -> str:
 def copy_tree(src: str, dst: Path) -> str:
     shutil.copytree(src, dst)
     return str(dst)
+
+
+# -- added for test_cli.py, test_modes.py, test_ablate.py ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the module: on a busy 2-core machine the tiny nets here run
+    many times faster than with torch's default pool (threads spin against other work)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``kdcache.cli.main(argv)`` in-process -> (exit code, stdout, stderr).
+
+    ``main`` points the ``kdcache`` logger at the current stderr and stops propagation; both
+    are restored here so later tests (caplog) see the logger as it was.
+    """
+    import contextlib
+    import logging
+
+    from kdcache.cli import main
+
+    logger = logging.getLogger("kdcache")
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        logger.handlers[:] = state[0]
+        logger.setLevel(state[1])
+        logger.propagate = state[2]
+    return code, out.getvalue(), err.getvalue()

@@ -11,8 +11,8 @@ from kdcache.cache import precompute
 from kdcache.data.index import load_index
 from kdcache.data.shards import ShardWriter
 from kdcache.store import open_cache
+from kdcache.train import fit
 from kdcache.train.config import TrainConfig
-from kdcache.train.fit import fit
 from kdcache.train.stream import StreamSpec, TrainBatches
 
 pytestmark = pytest.mark.faults

@@ -15,8 +15,8 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.models import create_model
 from kdcache.replay import cached_unit_views
 from kdcache.store import open_cache
+from kdcache.train import fit
 from kdcache.train.config import TrainConfig
-from kdcache.train.fit import fit
 
 
 def train_cfg(data: str, val: str, cache: str, out, **kw) -> TrainConfig:
@@ -171,7 +171,7 @@ def test_tampered_rows_are_refused(tmp_path, tiny_cache, train_dir):
 def test_incomplete_cache_is_refused(tmp_path, train_dir, val_dir):
     cache = str(tmp_path / "c.zarr")
     precompute(cache_config(train_dir, cache, epochs=1, limit_units=1))
-    with pytest.raises(KdcacheError, match="no complete epoch"):
+    with pytest.raises(KdcacheError, match="no epoch complete"):
         fit(train_cfg(train_dir, val_dir, cache, tmp_path / "run"))
 
 

@@ -12,8 +12,8 @@ from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE
 
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
+from kdcache.train import fit
 from kdcache.train.config import TrainConfig
-from kdcache.train.fit import fit
 
 STUDENT = "kdcache:tiny_cnn"
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -64,11 +65,13 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
     val = load_index(cfg.val)
     if cache is not None:
         _check_cache(cache, cfg, index)
-        cache_epochs = cache.complete_epochs()
+        # With --limit only the units holding the first samples need to be there.
+        needed = sum(1 for u in index.units if u.start < (cfg.limit or index.num_samples))
+        cache_epochs = [int(e) for e in np.flatnonzero(cache.done_mask()[:, :needed].all(1))]
         if not cache_epochs:
             raise KdcacheError(
-                f"cache {cfg.cache} has no complete epoch yet; finish it with "
-                "`kdcache precompute` (re-run the same command)"
+                f"cache {cfg.cache} has no epoch complete over the {needed} shards this run "
+                "reads; finish it with `kdcache precompute` (the same command, without --smoke)"
             )
         num_classes = cache.num_classes
         teacher_size = int(cache.meta["teacher_image_size"])
@@ -229,6 +232,7 @@ def fit(
     if start_epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        epoch_started = time.perf_counter()
         metrics = _train_epoch(
             cfg, run, student, optimizer, schedule, device, epoch, on_step, place
         )
@@ -245,6 +249,7 @@ def fit(
         metrics["val_accuracy"] = scores.pop("accuracy")
         metrics.update(scores)
         metrics = {"epoch": epoch + 1, **metrics}
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_started  # train + eval
         if not place.main:
             continue
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
