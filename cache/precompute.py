@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache import dist, schema
+from kdcache import dist, faults, schema
 from kdcache.cache.writer import UnitWriter
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
@@ -27,6 +27,7 @@ from kdcache.errors import KdcacheError
 from kdcache.models import create_model, weights_hash
 from kdcache.render import RENDERER, render_views
 from kdcache.runtime import (
+    HostCopy,
     library_versions,
     loader_kwargs,
     prepare_model,
@@ -266,18 +267,30 @@ def _run(
     )
     pending: dict[tuple[int, int], list] = {}
     stats = {"bad": 0, "units": 0}
+
+    def finish(item: dict, host: HostCopy) -> None:
+        epoch, unit, lo, hi = batches[item["batch"]]
+        parts = pending.setdefault((epoch, unit), [])
+        parts.append((lo, item["views"], item["bad"], host.numpy()))
+        if hi == int(cache.units[unit]["count"]):
+            stats["bad"] += writer.submit(epoch, unit, _assemble(pending.pop((epoch, unit))))
+            stats["units"] += 1
+        if progress:
+            progress(hi - lo)
+
+    # Batch b's top-k is copied to the host while batch b+1 runs on the device: the teacher
+    # is given its next batch before anyone waits on the previous copy.
+    in_flight: tuple[dict, HostCopy] | None = None
     with UnitWriter(cache) as writer:
         for item in loader:
-            epoch, unit, lo, hi = batches[item["batch"]]
             logits = teacher_logits(teacher, item["pixels"], device)
-            rows = {name: t.cpu().numpy() for name, t in topk_rows(logits, k).items()}
-            parts = pending.setdefault((epoch, unit), [])
-            parts.append((lo, item["views"], item["bad"], rows))
-            if hi == int(cache.units[unit]["count"]):
-                stats["bad"] += writer.submit(epoch, unit, _assemble(pending.pop((epoch, unit))))
-                stats["units"] += 1
-            if progress:
-                progress(hi - lo)
+            host = HostCopy(topk_rows(logits, k))
+            faults.point("batch")
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (item, host)
+        if in_flight is not None:
+            finish(*in_flight)
     return stats
 
 

@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -201,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "num_classes",
         "resume",
         "limit",
+        "checkpoint_every",
     )
     cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
     if args.smoke:
@@ -617,6 +620,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also checkpoint every N steps inside an epoch (0: at epoch ends) [0]",
+    )
+    g.add_argument(
         "--limit",
         type=int,
         default=None,
@@ -685,9 +695,36 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.propagate = False
 
 
+RESUME_HINTS = {
+    "precompute": "finished units are saved; re-run the same command to resume",
+    "train": "re-run the same command with --resume to continue from the last checkpoint",
+    "ablate": "re-run the same command: finished caches and runs are reused",
+    "demo": "re-run the same command: what is finished is reused",
+}
+_stopped_by: list[int] = []
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (preemption, scancel, docker stop) stops a job like Ctrl-C does."""
+    _stopped_by.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    hint = RESUME_HINTS.get(args.command, "")
+    name = "SIGTERM" if _stopped_by else "interrupt"
+    print(
+        f"kdcache {args.command}: stopped by {name}" + (f"; {hint}" if hint else ""),
+        file=sys.stderr,
+    )
+    return 143 if _stopped_by else 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except KdcacheError as e:
@@ -702,9 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdcache {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kdcache {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args)
     except Exception as e:
+        if _stopped_by:  # e.g. DataLoader workers that got the same SIGTERM died first
+            return _interrupted(args)
         if args.debug:
             raise
         print(

@@ -63,6 +63,32 @@ def topk_rows(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return {"topk_logits": top.half(), "topk_index": index, "lse": logits.logsumexp(1)}
 
 
+class HostCopy:
+    """Device tensors copied to host memory without blocking the caller.
+
+    On CUDA the copies go to pinned buffers behind an event, queued after the work that made
+    them; :meth:`numpy` waits for that event only. On CPU it is a plain view.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        first = next(iter(tensors.values()))
+        self._event = None
+        if first.device.type != "cuda":
+            self._host = tensors
+            return
+        self._host = {
+            name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for name, t in tensors.items()
+        }
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+        return {name: t.numpy() for name, t in self._host.items()}
+
+
 def library_versions() -> dict[str, str]:
     import torchvision
     import zarr

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from kdcache import schema
+from kdcache import faults, schema
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.views import ViewSpec
 
@@ -136,7 +136,10 @@ class Cache:
             full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
             full[:count] = data
             arr[epoch, start : start + self.slot] = full  # exactly one shard
+            faults.point("write")
+        faults.point("commit")
         self.array(schema.DONE_ARRAY)[epoch, unit] = 1
+        faults.point("committed")
 
     def extend(self, epochs: int) -> None:
         """Allocate ``epochs`` epochs in total (metadata only: no row is rewritten)."""
@@ -145,6 +148,9 @@ class Cache:
         for field in schema.ROW_FIELDS:
             arr = self.array(field.name)
             arr.resize((epochs, *arr.shape[1:]))
+            faults.point("extend")
+        # The done array grows last: until it has, the cache reads as the old size, and the
+        # next run's extend resizes again (a resize to the current shape is a no-op).
         done = self.array(schema.DONE_ARRAY)
         done.resize((epochs, done.shape[1]))
         log.info("extended %s to %d epochs", self.path, epochs)
@@ -247,11 +253,16 @@ def create_cache(
     try:
         group = zarr.open_group(path, mode="w-", zarr_format=3)
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-        raise KdcacheError(
-            f"{path} already exists and is not a kdcache cache; choose another --out"
-        ) from None
+        if not _half_created(path):
+            raise KdcacheError(
+                f"{path} already exists and is not a kdcache cache; choose another --out"
+            ) from None
+        # A creation that was killed: nothing in it can be done yet, start it over.
+        log.warning("%s is a cache whose creation was interrupted; creating it again", path)
+        group = zarr.open_group(path, mode="w", zarr_format=3)
     except PermissionError as e:
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
+    group.attrs[_CREATING] = True  # until the kdcache attributes below replace it
     k, c = int(meta["topk"]), int(meta["num_classes"])
     for field in schema.ROW_FIELDS:
         trail = schema.trailing_shape(field, k)
@@ -289,12 +300,24 @@ def create_cache(
         dtype="uint8",
         chunks=(1, 1),
         fill_value=0,
-        compressors=None,
+        compressors=[Crc32cCodec()],
         dimension_names=("epoch", "unit"),
     )
-    group.attrs[schema.FORMAT_NAME] = meta
+    faults.point("create")
+    group.attrs.put({schema.FORMAT_NAME: meta})  # replaces the creation marker in one write
     log.info("created cache %s: %d units x %d rows, %d epochs", path, len(units), slot, epochs)
     return Cache(path, mode="a")
+
+
+_CREATING = "kdcache_creating"
+
+
+def _half_created(path: str) -> bool:
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs
+    except Exception:  # not a group at all
+        return False
+    return bool(attrs.get(_CREATING)) and schema.FORMAT_NAME not in attrs
 
 
 def open_cache(path: str, mode: str = "r") -> Cache:

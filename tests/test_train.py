@@ -130,3 +130,46 @@ def test_cached_epochs_are_cycled(tmp_path, train_dir, val_dir, tiny_cache, capl
 def test_online_needs_a_teacher(tmp_path, train_dir, val_dir):
     with pytest.raises(KdcacheError, match="--teacher"):
         fit(train_cfg(train_dir, val_dir, tmp_path / "run", "online", teacher=None))
+
+
+class _Killed(Exception):
+    pass
+
+
+def read_steps(run) -> list[dict]:
+    with open(os.path.join(run, "steps.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("stop_after", [2, 5, 7])  # mid-epoch 1, at the epoch end, mid-epoch 2
+def test_mid_epoch_resume_reproduces_every_step(
+    tmp_path, train_dir, val_dir, tiny_cache, monkeypatch, stop_after
+):
+    from kdcache.train import trainer
+
+    kw = dict(epochs=2, batch_size=4, checkpoint_every=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(train_cfg(train_dir, val_dir, straight, "cached", tiny_cache, **kw))
+
+    real = trainer._Saver.checkpoint
+    calls = {"n": 0}
+
+    def checkpoint_then_die(self, pos):
+        real(self, pos)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise _Killed  # as if killed right after the checkpoint was written
+
+    monkeypatch.setattr(trainer._Saver, "checkpoint", checkpoint_then_die)
+    with pytest.raises(_Killed):
+        fit(train_cfg(train_dir, val_dir, resumed, "cached", tiny_cache, **kw))
+    monkeypatch.setattr(trainer._Saver, "checkpoint", real)
+    fit(train_cfg(train_dir, val_dir, resumed, "cached", tiny_cache, resume=True, **kw))
+
+    assert read_steps(resumed) == read_steps(straight)  # every step's loss, bit for bit
+    a, b = read_metrics(resumed), read_metrics(straight)
+    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]
+    sa = torch.load(os.path.join(resumed, "model.pt"), weights_only=True)
+    sb = torch.load(os.path.join(straight, "model.pt"), weights_only=True)
+    for name in sb:
+        assert torch.equal(sa[name], sb[name]), name

@@ -48,6 +48,7 @@ class TrainConfig:
     num_classes: int | None = None
     resume: bool = False
     limit: int | None = None  # train on the first N samples only
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
     def validate(self) -> None:
@@ -74,6 +75,8 @@ class TrainConfig:
             problems.append(f"--batch-size must be positive, got {self.batch_size}")
         if self.temperature <= 0:
             problems.append(f"--temperature must be positive, got {self.temperature}")
+        if self.checkpoint_every < 0:
+            problems.append(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit must be positive, got {self.limit}")
         if problems:

@@ -55,6 +55,7 @@ def evaluate(
     loader = DataLoader(
         torch.utils.data.Subset(batches, mine),
         batch_size=None,
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
         **loader_kwargs(workers),
     )
     correct = labelled = agree = seen = 0

@@ -200,6 +200,19 @@ def _prepare_out(cfg: TrainConfig) -> None:
         )
 
 
+@dataclass
+class _Position:
+    """Where a run stands: ``epoch`` epochs done and ``step`` steps of the next one, with the
+    next epoch's running sums so far (summed over ranks)."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+
 def fit(
     cfg: TrainConfig, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
 ) -> dict[str, Any]:
@@ -225,17 +238,17 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
     )
-    start_epoch = _resume(cfg, bare, optimizer, schedule)
+    pos = _resume(cfg, bare, optimizer, schedule, place)
     if place.main:
         _write_config(cfg, run)
-    metrics: dict[str, Any] = _last_metrics(cfg.out) if start_epoch else {}
-    if start_epoch >= cfg.epochs:
-        log.info("%s already holds %d epochs; nothing to do", cfg.out, start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
+    save = _Saver(cfg, bare, optimizer, schedule, place)
+    metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
+    if pos.epoch >= cfg.epochs:
+        log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
+    while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
-        metrics = _train_epoch(
-            cfg, run, student, optimizer, schedule, device, epoch, on_step, place
-        )
+        epoch = pos.epoch
+        metrics = _train_epoch(cfg, run, student, optimizer, schedule, device, pos, on_step, save)
         scores = evaluate(
             bare,
             run.val,
@@ -250,22 +263,8 @@ def fit(
         metrics.update(scores)
         metrics = {"epoch": epoch + 1, **metrics}
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started  # train + eval
-        if not place.main:
-            continue
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        _save_atomic(
-            {
-                "model": bare.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch + 1,
-                "rng": torch.get_rng_state(),
-                "config": asdict(cfg),
-            },
-            os.path.join(cfg.out, "checkpoint.pt"),
-        )
-        _save_atomic(bare.state_dict(), os.path.join(cfg.out, "model.pt"))
+        pos = _Position(epoch + 1)
+        save.epoch_end(metrics, pos)
         log.info(
             "epoch %d/%d  loss %.4f  val acc %.4f%s  %.0f img/s%s",
             epoch + 1,
@@ -278,10 +277,69 @@ def fit(
             metrics["images_per_s"],
             f"  ({metrics['skipped_rows']} rows skipped)" if metrics["skipped_rows"] else "",
         )
-        if on_epoch:
+        if on_epoch and place.main:
             on_epoch(metrics)
     place.barrier()  # rank 0's last files are written before any rank returns
     return {"out": cfg.out, **metrics}
+
+
+class _Saver:
+    """Rank 0 writes the run's files: per-step losses, per-epoch metrics, checkpoints.
+
+    Losses stay on the device until a checkpoint or the epoch's end (one sync then, none per
+    step). Files are appended before the checkpoint that covers them is replaced, and a resume
+    cuts them back to the checkpoint, so a kill at any point leaves them consistent.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, schedule: Any, place: Dist
+    ):
+        self.cfg, self.model, self.optimizer, self.schedule, self.place = (
+            cfg,
+            model,
+            optimizer,
+            schedule,
+            place,
+        )
+        self.losses: list[tuple[int, int, torch.Tensor]] = []
+
+    def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
+        self.losses.append((epoch, step, loss.detach()))
+
+    def _flush_losses(self) -> None:
+        if self.losses and self.place.main:
+            values = torch.stack([loss for _, _, loss in self.losses]).tolist()
+            with open(os.path.join(self.cfg.out, "steps.jsonl"), "a") as f:
+                for (epoch, step, _), value in zip(self.losses, values, strict=True):
+                    f.write(
+                        json.dumps({"epoch": epoch + 1, "step": step + 1, "loss": value}) + "\n"
+                    )
+        self.losses = []
+
+    def checkpoint(self, pos: _Position) -> None:
+        self._flush_losses()
+        if not self.place.main:
+            return
+        _save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "position": asdict(pos),
+                "epoch": pos.epoch,
+                "rng": torch.get_rng_state(),
+                "config": asdict(self.cfg),
+            },
+            os.path.join(self.cfg.out, "checkpoint.pt"),
+        )
+
+    def epoch_end(self, metrics: dict[str, Any], pos: _Position) -> None:
+        if self.place.main:
+            with open(os.path.join(self.cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        self.checkpoint(pos)
+        if self.place.main:
+            _save_atomic(self.model.state_dict(), os.path.join(self.cfg.out, "model.pt"))
 
 
 def _train_epoch(
@@ -291,10 +349,12 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     device: torch.device,
-    epoch: int,
+    pos: _Position,
     on_step: StepHook | None,
-    place: Dist,
+    save: _Saver,
 ) -> dict[str, Any]:
+    """Train the rest of epoch ``pos.epoch`` from step ``pos.step``; its metrics (all ranks)."""
+    place, epoch = save.place, pos.epoch
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:
         order = order[order < cfg.limit]
@@ -303,7 +363,7 @@ def _train_epoch(
     mode = cfg.teacher_mode
     stream = StreamSpec(
         run.index,
-        batches,
+        batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
         epoch,
         cfg.image_size,
         run.spec,
@@ -319,17 +379,18 @@ def _train_epoch(
         TrainBatches(stream),
         batch_size=None,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(epoch),  # leaves the global RNG alone
         **loader_kwargs(cfg.workers),
     )
     student.train()
     total_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     images = skipped = 0
     started = time.perf_counter()
-    for step, item in enumerate(loader):
+    for step, item in enumerate(loader, start=pos.step):
         skipped += item["skipped"]
+        if len(item["rows"]) == 0 and not place.enabled:
+            continue
         if len(item["rows"]) == 0:
-            if not place.enabled:
-                continue
             # Every rank must step together under DDP: contribute a zero gradient instead.
             loss = _zero_loss(student, cfg.image_size, device)
         else:
@@ -348,13 +409,31 @@ def _train_epoch(
         schedule.step()
         total_loss += loss.detach() * len(item["rows"])
         images += len(item["rows"])
-        if on_step:
-            on_step(epoch, step, len(batches), float(loss.detach()) if step % 50 == 0 else math.nan)
+        save.step(epoch, step, loss)
+        if on_step and place.main:
+            on_step(epoch, step, len(batches), float(loss.detach()) if step % 10 == 0 else math.nan)
+        done = step + 1
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < len(batches):
+            sums = place.sum(
+                [float(total_loss), images, skipped, time.perf_counter() - started], device
+            )
+            save.checkpoint(
+                _Position(
+                    epoch,
+                    done,
+                    pos.loss_sum + sums[0],
+                    pos.images + int(sums[1]),
+                    pos.skipped + int(sums[2]),
+                    pos.seconds + sums[3] / place.world,
+                )
+            )
     seconds = time.perf_counter() - started
     loss_sum, images, skipped, seconds = place.sum(
         [float(total_loss), images, skipped, seconds], device
     )
-    seconds /= place.world  # the ranks ran side by side
+    # The ranks ran side by side; a resumed epoch adds what its first part did.
+    seconds = pos.seconds + seconds / place.world
+    loss_sum, images, skipped = pos.loss_sum + loss_sum, pos.images + images, pos.skipped + skipped
     if skipped:
         log.warning(
             "epoch %d: skipped %d unusable rows (bad input or unreadable image)", epoch + 1, skipped
@@ -370,21 +449,52 @@ def _train_epoch(
 
 
 def _resume(
-    cfg: TrainConfig, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any
-) -> int:
+    cfg: TrainConfig,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    place: Dist,
+) -> _Position:
     path = os.path.join(cfg.out, "checkpoint.pt")
     if not cfg.resume:
-        return 0
+        return _Position()
     if not os.path.exists(path):
         log.debug("--resume: no checkpoint in %s yet, starting from scratch", cfg.out)
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        return _Position()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint is replaced atomically: this is not a torn write
+        raise KdcacheError(f"cannot read {path}: {e}; it is damaged, start a new run") from None
     student.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
-    log.info("resumed %s at epoch %d", cfg.out, state["epoch"])
-    return int(state["epoch"])
+    pos = _Position(**state.get("position", {"epoch": state["epoch"]}))
+    if not place.main:  # rank 0 carries the partial epoch's sums (they are over all ranks)
+        pos = _Position(pos.epoch, pos.step)
+    else:
+        _cut_logs(cfg.out, pos)
+    log.info("resumed %s at epoch %d, step %d", cfg.out, pos.epoch + 1, pos.step)
+    return pos
+
+
+def _cut_logs(out: str, pos: _Position) -> None:
+    """Drop log lines written after the checkpoint (a kill between the two)."""
+    for name, keep in (
+        ("metrics.jsonl", lambda m: m["epoch"] <= pos.epoch),
+        ("steps.jsonl", lambda m: (m["epoch"] - 1, m["step"]) <= (pos.epoch, pos.step)),
+    ):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if keep(json.loads(line))]
+        if len(kept) != len(lines):
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
 
 
 def _last_metrics(out: str) -> dict[str, Any]:

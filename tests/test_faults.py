@@ -1,0 +1,117 @@
+"""Killed precompute jobs lose nothing: SIGKILL at fixed points, then the same command again.
+
+The kill points are deterministic (``KDCACHE_FAULT``, see ``kdcache.faults``), so these tests are
+neither flaky nor slow. After the re-run every array must be byte-identical to an uninterrupted
+job's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from conftest import TEACHER, TEACHER_SIZE, cache_config
+
+from kdcache.cache import precompute
+from kdcache.store import open_cache
+
+pytestmark = pytest.mark.faults
+
+
+def run_precompute(
+    train_dir: str, out: str, epochs: int, fault: str | None = None, sig: str | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdcache",
+        "precompute",
+        "--data",
+        train_dir,
+        "--teacher",
+        TEACHER,
+        "--out",
+        out,
+        "--epochs",
+        str(epochs),
+        "--teacher-image-size",
+        str(TEACHER_SIZE),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDCACHE_FAULT")}
+    env["OMP_NUM_THREADS"] = "1"
+    if fault:
+        env["KDCACHE_FAULT"] = fault
+    if sig:
+        env["KDCACHE_FAULT_SIGNAL"] = sig
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def arrays(path: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(path, mode="r")
+    return {name: group[name][...] for name in group.array_keys()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_dir) -> dict[int, dict[str, np.ndarray]]:
+    """Uninterrupted caches of 1 and 2 epochs, made with the CLI's settings."""
+    out = {}
+    for epochs in (1, 2):
+        path = str(tmp_path_factory.mktemp("ref") / "c.zarr")
+        precompute(cache_config(train_dir, path, epochs=epochs, batch_size=4, command="ref"))
+        out[epochs] = arrays(path)
+    return out
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["create", "batch:3", "write:5", "commit:2", "committed:4"],
+)
+def test_sigkill_then_rerun_gives_the_same_bytes(fault, tmp_path, train_dir, reference):
+    out = str(tmp_path / "c.zarr")
+    killed = run_precompute(train_dir, out, epochs=2, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if os.path.exists(os.path.join(out, "zarr.json")) and fault != "create":
+        done = open_cache(out).done_mask()
+        assert not done.all()  # the kill really left work undone
+    again = run_precompute(train_dir, out, epochs=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    got = arrays(out)
+    assert got.keys() == reference[2].keys()
+    for name, want in reference[2].items():
+        assert np.array_equal(got[name], want), name
+
+
+def test_sigkill_while_extending(tmp_path, train_dir, reference):
+    out = str(tmp_path / "c.zarr")
+    assert run_precompute(train_dir, out, epochs=1).returncode == 0
+    killed = run_precompute(train_dir, out, epochs=2, fault="extend:3")
+    assert killed.returncode == -signal.SIGKILL
+    assert run_precompute(train_dir, out, epochs=2).returncode == 0
+    got = arrays(out)
+    for name, want in reference[2].items():
+        assert np.array_equal(got[name], want), name
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, train_dir, reference):
+    out = str(tmp_path / "c.zarr")
+    stopped = run_precompute(train_dir, out, epochs=2, fault="batch:4", sig="SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "re-run the same command to resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    done = open_cache(out).done_mask()
+    assert 0 < done.sum() < done.size  # finished units were kept, the rest left for later
+    assert run_precompute(train_dir, out, epochs=2).returncode == 0
+    got = arrays(out)
+    for name, want in reference[2].items():
+        assert np.array_equal(got[name], want), name

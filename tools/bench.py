@@ -1,0 +1,431 @@
+"""kdcache's speed and size benchmark: ratios measured side by side in one run.
+
+    python tools/bench.py [--device cpu|cuda] [--json]          # ~3 min on 2 CPU cores
+
+It writes synthetic ImageNet-like JPEG shards (about 400x350 px, 1000 classes), then runs each
+stage in its own process (so its peak host memory is its own) and reports:
+
+- train_cached_vs_hard_ratio: images/s of cached-teacher training / hard-label training, same
+  student and loader (goal >= 0.95);
+- train_cached_vs_online_speedup and theoretical_speedup = (teacher forward + student step) /
+  student step, timed on pre-rendered batches (goal: speedup >= 0.9 x theoretical);
+- precompute_vs_teacher_only_ratio: precompute images/s / the teacher's forward-only images/s
+  on pre-rendered batches (goal >= 0.9 on GPU), with the JPEG decode-only rate next to it;
+- bytes_per_row: on disk, K=10, C=1000, every per-epoch field, logits shaped like a trained
+  classifier's (goal <= 44 B, TinyViT's row);
+- target_rows_per_s: cache rows read from disk and turned into sparse targets on one core
+  (goal >= 1,000,000);
+- peak_rss_mb of each stage.
+
+Absolute seconds depend on the machine and on what else runs on it; compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+DEFAULTS = {
+    # CPU: a quarter of ImageNet's pixels keeps the run to minutes on 2 cores.
+    "cpu": {
+        "teacher": "torchvision:resnet50",
+        "student": "torchvision:resnet18",
+        "image_size": 112,
+        "samples": 512,
+        "batch_size": 32,
+        "workers": 1,
+    },
+    "cuda": {
+        "teacher": "torchvision:resnet50",
+        "student": "torchvision:resnet18",
+        "image_size": 224,
+        "samples": 8192,
+        "batch_size": 256,
+        "workers": 8,
+    },
+}
+NUM_CLASSES = 1000
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def synthetic_jpeg(rng: np.random.Generator) -> bytes:
+    """A smooth random scene (gradients, blobs, texture), about 400x350, JPEG quality 90."""
+    from PIL import Image
+
+    h, w = int(rng.integers(300, 400)), int(rng.integers(350, 450))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.005, 0.03, 2)
+        img[..., c] = 128 + 60 * np.sin(fx * x + rng.uniform(0, 6)) * np.cos(fy * y)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, 120)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(-90, 90, 3)
+    img += rng.normal(0, 8, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shards(out: str, samples: int, per_shard: int = 256) -> str:
+    from kdcache.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(out, "train", per_shard)
+    for i in range(samples):
+        writer.write(f"img{i:07d}", synthetic_jpeg(rng), "jpg", int(rng.integers(NUM_CLASSES)))
+    writer.close()
+    return os.path.join(out, "train-*.tar")
+
+
+# -- stages (each runs in its own process) ---------------------------------------------------
+
+
+def _rss_mb() -> float:
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(self_kb, child_kb) / 1024, 1)
+
+
+def _rendered_batches(c: dict, n_batches: int) -> list:
+    from kdcache.data.index import load_index
+    from kdcache.train.stream import StreamSpec, TrainBatches
+    from kdcache.views import get_spec
+
+    index = load_index(c["data"])
+    rows = np.arange(min(index.num_samples, n_batches * c["batch_size"]))
+    batches = [rows[i : i + c["batch_size"]] for i in range(0, len(rows), c["batch_size"])]
+    ds = TrainBatches(
+        StreamSpec(index, batches, 0, c["image_size"], get_spec("function_matching"), 0)
+    )
+    return [ds[b]["pixels"] for b in range(len(ds))]
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def stage_models(c: dict) -> dict:
+    """Teacher forward-only and student train-step time per image, on pre-rendered batches."""
+    import torch
+
+    from kdcache.models import create_model
+    from kdcache.runtime import autocast, prepare_model, resolve_device, teacher_logits
+
+    device = resolve_device(c["device"])
+    batches = [b.to(device) for b in _rendered_batches(c, 4)]
+    teacher = prepare_model(create_model(c["teacher"], NUM_CLASSES), device, eval_mode=True)
+    student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    labels = torch.zeros(len(batches[0]), dtype=torch.long, device=device)
+
+    def teacher_pass() -> None:
+        for x in batches:
+            teacher_logits(teacher, x, device)
+
+    def student_pass() -> None:
+        for x in batches:
+            with autocast(device):
+                loss = torch.nn.functional.cross_entropy(student(x).float(), labels[: len(x)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    images = sum(len(x) for x in batches)
+    out = {}
+    for name, fn in (("teacher_forward", teacher_pass), ("student_step", student_pass)):
+        fn()  # warm-up (cudnn autotune, allocator)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(c["repeats"]):
+            fn()
+        _sync(device)
+        out[f"{name}_ms_per_image"] = (time.perf_counter() - t) * 1000 / (images * c["repeats"])
+    out["teacher_only_images_per_s"] = 1000 / out["teacher_forward_ms_per_image"]
+    out["student_only_images_per_s"] = 1000 / out["student_step_ms_per_image"]
+    return out
+
+
+def stage_decode(c: dict) -> dict:
+    """JPEG decode-only rate on one core (PIL, the path precompute and training use)."""
+    from kdcache.data.index import load_index
+    from kdcache.render import decode_image
+    from kdcache.units import UnitReader
+
+    index = load_index(c["data"])
+    reader = UnitReader(index, capacity=len(index.units))
+    samples = [s for u in range(len(index.units)) for s in reader.samples(u)]
+    t = time.perf_counter()
+    for s in samples:
+        decode_image(s.data)
+    return {"decode_images_per_s_per_core": len(samples) / (time.perf_counter() - t)}
+
+
+def stage_precompute(c: dict) -> dict:
+    from kdcache.cache import PrecomputeConfig, precompute
+
+    result = precompute(
+        PrecomputeConfig(
+            data=c["data"],
+            teacher=c["teacher"],
+            out=c["cache"],
+            epochs=1,
+            teacher_image_size=c["image_size"],
+            batch_size=c["batch_size"],
+            workers=c["workers"],
+            device=c["device"],
+            num_classes=NUM_CLASSES,
+            command="tools/bench.py",
+        )
+    )
+    return {"precompute_images_per_s": result["images_per_s"]}
+
+
+def stage_train(c: dict) -> dict:
+    """Two epochs of one mode; the second (warm) epoch's training images/s."""
+    from kdcache.train import TrainConfig, fit
+
+    mode = c["mode"]
+    cfg = TrainConfig(
+        data=c["data"],
+        val=c["val"],
+        student=c["student"],
+        out=c["run"],
+        epochs=2,
+        teacher_mode=mode,
+        cache=c["cache"] if mode == "cached" else None,
+        teacher=c["teacher"] if mode == "online" else None,
+        views=None if mode == "cached" else "function_matching",
+        image_size=c["image_size"],
+        batch_size=c["batch_size"],
+        workers=c["workers"],
+        device=c["device"],
+        num_classes=NUM_CLASSES,
+    )
+    fit(cfg)
+    with open(os.path.join(c["run"], "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    return {f"train_{mode}_images_per_s": last["images_per_s"]}
+
+
+def peaked_logits(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 1000) logits shaped like a trained classifier's: a clear winner (+8..+14 over a unit
+    normal background) and three confusers (+2..+6); top-1 probability mostly 0.6-0.99."""
+    z = rng.normal(0.0, 1.0, (n, NUM_CLASSES)).astype(np.float32)
+    rows = np.arange(n)
+    z[rows, rng.integers(0, NUM_CLASSES, n)] += rng.uniform(8, 14, n)
+    for _ in range(3):
+        z[rows, rng.integers(0, NUM_CLASSES, n)] += rng.uniform(2, 6, n)
+    return z
+
+
+def stage_rows(c: dict) -> dict:
+    """bytes_per_row on disk and target_rows_per_s, on a synthetic ImageNet-sized cache."""
+    import torch
+
+    from kdcache import schema
+    from kdcache.render import RENDERER
+    from kdcache.runtime import topk_rows
+    from kdcache.store import create_cache, open_cache
+    from kdcache.targets import from_topk
+    from kdcache.views import get_spec, sample_unit_views
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(1)
+    units, per_unit, k = c["row_units"], c["rows_per_unit"], 10
+    n = units * per_unit
+    sizes = np.stack([rng.integers(300, 400, n), rng.integers(350, 450, n)], 1)
+    meta = {
+        "data": {
+            "fingerprint": "bench",
+            "num_samples": n,
+            "units": [
+                {
+                    "name": f"u{u}",
+                    "count": per_unit,
+                    "start": u * per_unit,
+                    "content_hash": "",
+                    "bytes": 0,
+                }
+                for u in range(units)
+            ],
+        },
+        "topk": k,
+        "num_classes": NUM_CLASSES,
+        "teacher": "bench",
+        "teacher_weights_hash": "",
+        "views": get_spec("function_matching").to_dict(),
+        "plan_seed": 0,
+        "teacher_image_size": 224,
+        "renderer": RENDERER,
+        "data_fingerprint": "bench",
+    }
+    samples = {
+        "key_hash": rng.integers(0, 2**63, n).astype(np.uint64),
+        "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+        "size": sizes,
+    }
+    cache = create_cache(c["rows_cache"], meta, samples, epochs=1)
+    for u in range(units):
+        lo = u * per_unit
+        views = sample_unit_views(
+            get_spec("function_matching"), 0, 0, lo, sizes[lo : lo + per_unit]
+        )
+        top = {
+            k_: v.numpy()
+            for k_, v in topk_rows(torch.from_numpy(peaked_logits(rng, per_unit)), k).items()
+        }
+        rows = {f: getattr(views, f) for f in schema.VIEW_FIELDS}
+        rows.update(top, status=np.full(per_unit, schema.OK, np.uint8))
+        cache.write_unit(0, u, rows)
+    bytes_per_row = open_cache(c["rows_cache"]).summary()["bytes_per_row"]
+    reader = open_cache(c["rows_cache"])
+    t = time.perf_counter()
+    for u in range(units):
+        r = reader.read_unit(0, u, ("topk_logits", "topk_index", "lse", "status"))
+        target = from_topk(
+            torch.from_numpy(r["topk_logits"]),
+            torch.from_numpy(r["topk_index"]),
+            torch.from_numpy(r["lse"]),
+            NUM_CLASSES,
+        )
+        assert target.logp.shape == (per_unit, k)
+    return {
+        "bytes_per_row": bytes_per_row,
+        "target_rows_per_s": n / (time.perf_counter() - t),
+        "rows_measured": n,
+    }
+
+
+STAGES = {
+    "models": stage_models,
+    "decode": stage_decode,
+    "precompute": stage_precompute,
+    "train": stage_train,
+    "rows": stage_rows,
+}
+
+
+def run_stage(name: str, c: dict) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--stage",
+        name,
+        "--stage-config",
+        json.dumps(c),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench stage {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda when available]")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--samples", type=int, help="synthetic training images [cpu 512, cuda 8192]")
+    p.add_argument("--teacher", help="teacher spec [torchvision:resnet50]")
+    p.add_argument("--student", help="student spec [torchvision:resnet18]")
+    p.add_argument("--image-size", type=int, help="[cpu 112, cuda 224]")
+    p.add_argument("--batch-size", type=int, help="[cpu 32, cuda 256]")
+    p.add_argument("--workers", type=int, help="DataLoader workers [cpu 1, cuda 8]")
+    p.add_argument("--rows", type=int, default=100_000, help="rows of the size/read test [100000]")
+    p.add_argument("--dir", help="work directory [a temporary one]")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--stage-config", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.stage:
+        out = STAGES[args.stage](json.loads(args.stage_config))
+        print(json.dumps({**out, f"{args.stage}_peak_rss_mb": _rss_mb()}))
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    c = dict(DEFAULTS["cuda" if device.startswith("cuda") else "cpu"])
+    for key in ("samples", "teacher", "student", "image_size", "batch_size", "workers"):
+        if getattr(args, key) is not None:
+            c[key] = getattr(args, key)
+    work = args.dir or tempfile.mkdtemp(prefix="kdcache-bench-")
+    c.update(
+        device=device,
+        repeats=3,
+        row_units=max(1, args.rows // 5000),
+        rows_per_unit=5000,
+        cache=os.path.join(work, "teacher.zarr"),
+        rows_cache=os.path.join(work, "rows.zarr"),
+    )
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    log(
+        f"bench: {device}, teacher {c['teacher']}, student {c['student']}, "
+        f"{c['image_size']} px, {c['samples']} images, work dir {work}"
+    )
+    started = time.perf_counter()
+    c["data"] = make_shards(os.path.join(work, "data"), c["samples"])
+    c["val"] = make_shards(os.path.join(work, "val"), 64, per_shard=64)
+    result: dict[str, Any] = {}
+    for name, extra in (
+        ("models", {}),
+        ("decode", {}),
+        ("precompute", {}),
+        ("rows", {}),
+        ("train", {"mode": "none"}),
+        ("train", {"mode": "cached"}),
+        ("train", {"mode": "online"}),
+    ):
+        log(f"bench: {name} {extra.get('mode', '')}")
+        stage = run_stage(
+            name, {**c, **extra, "run": os.path.join(work, f"run-{extra.get('mode')}")}
+        )
+        if name == "train":
+            stage[f"train_{extra['mode']}_peak_rss_mb"] = stage.pop("train_peak_rss_mb")
+        result.update(stage)
+    r = result
+    result.update(
+        train_cached_vs_hard_ratio=r["train_cached_images_per_s"] / r["train_none_images_per_s"],
+        train_cached_vs_online_speedup=r["train_cached_images_per_s"]
+        / r["train_online_images_per_s"],
+        theoretical_speedup=(r["teacher_forward_ms_per_image"] + r["student_step_ms_per_image"])
+        / r["student_step_ms_per_image"],
+        precompute_vs_teacher_only_ratio=r["precompute_images_per_s"]
+        / r["teacher_only_images_per_s"],
+    )
+    result["speedup_vs_theoretical"] = (
+        result["train_cached_vs_online_speedup"] / result["theoretical_speedup"]
+    )
+    result["setup"] = {
+        k: c[k]
+        for k in ("teacher", "student", "image_size", "samples", "batch_size", "workers", "device")
+    }
+    result["setup"].update(
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+    print(json.dumps(rounded, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
