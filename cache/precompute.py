@@ -62,6 +62,7 @@ class PrecomputeConfig:
     num_classes: int | None = None  # default: from the data's labels
     chunk_rows: int | None = None
     limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
+    strict: bool = False  # bad input rows are errors instead of marked and counted
     limit_units: int | None = None  # only the first N units
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
@@ -100,9 +101,10 @@ class _WorkBatches(Dataset):
         plan_seed: int,
         size: int,
         batches: list[tuple[int, int, int, int]],
+        num_classes: int,
     ):
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
-        self.batches = batches
+        self.batches, self.num_classes = batches, num_classes
         self._reader: UnitReader | None = None
 
     def __len__(self) -> int:
@@ -123,6 +125,8 @@ class _WorkBatches(Dataset):
             [r in failed or p in failed for r, p in zip(rows, views.partner, strict=True)],
             dtype=bool,
         ) | (views.box[:, 2] == 0)
+        label = self.index.label[rows]  # no label, or one the teacher cannot output
+        bad |= (label < 0) | (label >= self.num_classes)
         good = ~bad
         pixels = torch.zeros(len(rows), 3, self.size, self.size)
         if good.any():
@@ -257,7 +261,9 @@ def _run(
     k: int,
     progress: Callable[[int], None] | None,
 ) -> dict:
-    dataset = _WorkBatches(index, spec, cfg.plan_seed, cfg.teacher_image_size, batches)
+    dataset = _WorkBatches(
+        index, spec, cfg.plan_seed, cfg.teacher_image_size, batches, cache.num_classes
+    )
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -270,6 +276,14 @@ def _run(
 
     def finish(item: dict, host: HostCopy) -> None:
         epoch, unit, lo, hi = batches[item["batch"]]
+        if cfg.strict and item["bad"].any():
+            first = index.units[unit].start + lo + int(np.flatnonzero(item["bad"])[0])
+            raise KdcacheError(
+                f"--strict: {int(item['bad'].sum())} bad input rows in shard "
+                f"{index.units[unit].name} (first: sample {first}, label "
+                f"{int(index.label[first])}; unreadable image, no label or a label outside the "
+                f"{cache.num_classes} classes); fix the data or drop --strict to skip them"
+            )
         parts = pending.setdefault((epoch, unit), [])
         parts.append((lo, item["views"], item["bad"], host.numpy()))
         if hi == int(cache.units[unit]["count"]):

@@ -15,7 +15,7 @@ import torch
 
 from kdcache import schema
 from kdcache.data.index import load_index
-from kdcache.errors import KdcacheError
+from kdcache.errors import CacheDamagedError, KdcacheError
 from kdcache.models import create_model, weights_hash
 from kdcache.render import RENDERER, render_views
 from kdcache.replay import cached_unit_views
@@ -55,9 +55,15 @@ def verify(
     device: str = "auto",
     batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
+    repair: bool = False,
 ) -> dict:
-    """-> {"checked", "top1_agreement", "topk_set_agreement", "max_abs_logit_error"}."""
-    cache = open_cache(cache_path)
+    """Check every checksum, then re-run the teacher on ``samples`` random cached views.
+
+    -> {"checked", "top1_agreement", "topk_set_agreement", "max_abs_logit_error", ...}.
+    Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
+    ``repair`` the damaged units are recomputed (and only those) before the views are checked.
+    """
+    cache = open_cache(cache_path, mode="a" if repair else "r")
     index = load_index(data)
     cache.check_identity(
         {"data_fingerprint": index.fingerprint, "renderer": RENDERER}, what=f"data {data}"
@@ -66,6 +72,90 @@ def verify(
     cache.check_identity(
         {"teacher": teacher_spec, "teacher_weights_hash": weights_hash(teacher)}, what="--teacher"
     )
+    damage = cache.scan()
+    repaired = 0
+    if damage and not repair:
+        raise CacheDamagedError(_describe(cache_path, damage))
+    if damage:
+        repaired = _repair(cache, index, damage, teacher_spec, teacher_weights, data, device)
+    result = _compare(cache, index, teacher, samples, seed, device, batch_size, progress)
+    return {**result, "damaged_units_repaired": repaired, "status_counts": _status_counts(cache)}
+
+
+def _describe(path: str, damage: list[dict]) -> str:
+    where = [
+        f"{d['array']} epoch {d['epoch']} unit {d['unit']}"
+        if d["epoch"] is not None
+        else f"{d['array']} unit {d['unit']}"
+        for d in damage
+    ]
+    more = f" and {len(where) - 10} more" if len(where) > 10 else ""
+    return (
+        f"cache {path} is damaged in {len(damage)} places: {'; '.join(where[:10])}{more}. "
+        "Recompute only those units with `kdcache verify --repair` (same --data and --teacher)"
+    )
+
+
+def _repair(
+    cache,
+    index,
+    damage: list[dict],
+    teacher_spec: str,
+    teacher_weights: str | None,
+    data: str,
+    device: str,
+) -> int:
+    """Rewrite damaged per-sample rows from the index, uncommit damaged units, recompute."""
+    from kdcache.cache.precompute import PrecomputeConfig, precompute
+
+    units = set()
+    for d in damage:
+        if d["epoch"] is None:  # per-sample arrays come from the data index
+            u = index.units[d["unit"]]
+            sl = slice(u.start, u.start + u.count)
+            cache.rewrite_samples(
+                d["unit"],
+                {"key_hash": index.key_hash[sl], "label": index.label[sl], "size": index.size[sl]},
+            )
+        else:
+            units.add((d["epoch"], d["unit"]))
+    for epoch, unit in sorted(units):
+        cache.uncommit(epoch, unit)
+    log.warning("recomputing %d damaged units of %s", len(units), cache.path)
+    m = cache.meta
+    precompute(
+        PrecomputeConfig(
+            data=data,
+            teacher=teacher_spec,
+            teacher_weights=teacher_weights,
+            out=cache.path,
+            epochs=cache.epochs,
+            topk=cache.topk,
+            views=cache.spec.name,
+            plan_seed=cache.plan_seed,
+            teacher_image_size=int(m["teacher_image_size"]),
+            num_classes=cache.num_classes,
+            device=device,
+            workers=0,
+            command=m.get("command", "kdcache verify --repair"),
+        )
+    )
+    left = cache.scan()
+    if left:
+        raise CacheDamagedError("repair did not fix everything: " + _describe(cache.path, left))
+    return len(units)
+
+
+def _compare(
+    cache,
+    index,
+    teacher,
+    samples: int,
+    seed: int,
+    device: str,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> dict:
     dev = resolve_device(device)
     teacher = prepare_model(teacher, dev, eval_mode=True)
     size, k = int(cache.meta["teacher_image_size"]), cache.topk
@@ -99,7 +189,6 @@ def verify(
         "top1_agreement": top1 / checked,
         "topk_set_agreement": setk / checked,
         "max_abs_logit_error": max_err,
-        "status_counts": _status_counts(cache),
     }
 
 

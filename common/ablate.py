@@ -123,6 +123,7 @@ def _build_caches(
             teacher_image_size=cfg.teacher_image_size or cfg.image_size,
             workers=cfg.workers,
             device=cfg.device,
+            limit=cfg.limit,  # only the shards that the --limit runs read
         )
         log.info("cache %s: %d epochs of %s views", path, epochs, preset)
         if bar is None:

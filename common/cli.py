@@ -115,6 +115,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         device=args.device,
         compile=args.compile,
         num_classes=args.num_classes,
+        strict=args.strict,
     )
     if args.smoke:
         # The units of the first 256 samples, one epoch: what `train --smoke` reads.
@@ -161,6 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             args.seed,
             args.device,
             progress=update,
+            repair=args.repair,
         )
     ok = result["top1_agreement"] >= args.min_agreement
     _emit(args, result, lambda: _table(list(result.items())))
@@ -204,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "resume",
         "limit",
         "checkpoint_every",
+        "strict",
     )
     cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
     if args.smoke:
@@ -488,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes", type=int, default=None, help="teacher outputs [largest label + 1]"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="bad input (unreadable image, no label, label >= classes) is an error; by default "
+        "such rows are marked bad in the cache, counted, and skipped by training",
+    )
     _device(p)
     _common(p, smoke=True)
     p.set_defaults(func=cmd_precompute)
@@ -505,9 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="re-run the teacher on sampled cached views and compare",
-        description="Re-render N random cached views exactly as the trainer "
-        "does, re-run the teacher, report agreement. Exits 1 when "
-        "top-1 agreement is below --min-agreement.",
+        description="First read every chunk of the cache and check every checksum (damage "
+        "is reported by array, epoch and unit, exit 2; --repair recomputes just those units). "
+        "Then re-render N random cached views exactly as the trainer does, re-run the teacher "
+        "and report agreement; exit 1 when top-1 agreement is below --min-agreement.",
     )
     p.add_argument("cache")
     p.add_argument("--data", required=True)
@@ -516,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=256, help="views to check [256]")
     p.add_argument("--seed", type=int, default=0, help="which views are sampled [0]")
     p.add_argument("--min-agreement", type=float, default=0.99, help="[0.99]")
+    p.add_argument(
+        "--repair", action="store_true", help="recompute damaged units (needs write access)"
+    )
     _device(p, workers=False)
     _common(p, smoke=True)
     p.set_defaults(func=cmd_verify)
@@ -619,6 +632,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", required=True, help="held-out shards (center views)")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="unusable rows (bad input, unreadable images) are errors, not skipped",
+    )
     g.add_argument(
         "--checkpoint-every",
         type=int,

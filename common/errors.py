@@ -12,3 +12,7 @@ class KdcacheError(Exception):
 
 class CacheMismatchError(KdcacheError):
     """A cache was made from other data, another teacher or another view spec than requested."""
+
+
+class CacheDamagedError(KdcacheError):
+    """Bytes of a cache do not pass their checksum (or a committed unit's rows are missing)."""

@@ -67,8 +67,8 @@ def check_unit(
             "never written; finish it with `kdcache precompute`"
         )
     expected = (
-        view_keys(cache.plan_seed, epoch, u.start + np.arange(u.count)) & np.uint64(0xFFFFFFFF)
-    ).astype(np.uint32)
+        view_keys(cache.plan_seed, epoch, u.start + np.arange(u.count)) & np.uint64(0xFFFF)
+    ).astype(np.uint16)
     if not np.array_equal(rows["seed"][written], expected[written]):
         raise CacheMismatchError(
             f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}): stored view seeds differ "

@@ -98,7 +98,7 @@ def get_spec(name: str) -> ViewSpec:
 class Views:
     """Realised views of ``n`` rows, in cache dtypes.
 
-    seed: (n,) uint32        low 32 bits of the view's generator key (a replay check)
+    seed: (n,) uint16        low 16 bits of the view's generator key (a replay check)
     box: (n, 4) uint16       own crop (top, left, height, width), source pixels
     flip: (n,) bool          own horizontal flip
     partner: (n,) int64      global index of the mixing partner, -1 when not mixed
@@ -232,7 +232,7 @@ def sample_unit_views(
     valid = (sizes > 0).all(axis=1)
     box = np.where(valid[:, None], _boxes(spec, keys, _OWN, np.maximum(sizes, 1)), 0)
     views = Views(
-        seed=(keys & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+        seed=(keys & np.uint64(0xFFFF)).astype(np.uint16),
         box=box.astype(np.uint16),
         flip=_flips(spec, keys, _OWN) & valid,
         partner=np.full(n, -1, dtype=np.int64),

@@ -264,6 +264,24 @@ ERRORS = {
     "cached without cache": ("train", "--teacher-mode", "cached", "--student", STUDENT),
     "other teacher": ("verify", "{cache}", "--data", "{train}", "--teacher", "kdcache:resnet_s"),
     "existing run": ("train", "--teacher-mode", "none", "--student", STUDENT, "--out", "{run}"),
+    "weights that do not fit": (
+        "train",
+        "--teacher-mode",
+        "none",
+        "--student",
+        "kdcache:resnet_s",
+        "--student-weights",
+        "{run}/model.pt",
+    ),
+    "unwritable output": (
+        "train",
+        "--teacher-mode",
+        "none",
+        "--student",
+        STUDENT,
+        "--out",
+        "/proc/kdcache-test/run",
+    ),
 }
 NEEDLES = {
     "unknown model": ("nope", "tiny_cnn"),
@@ -271,6 +289,8 @@ NEEDLES = {
     "cached without cache": ("--cache",),
     "other teacher": ("teacher", "resnet_s"),
     "existing run": ("--resume",),
+    "weights that do not fit": ("do not fit", "resnet_s"),
+    "unwritable output": ("cannot create", "/proc/kdcache-test/run"),
 }
 
 
@@ -281,7 +301,7 @@ def error_argv(case: str, request, tmp_path) -> list[str]:
         values |= {"cache": request.getfixturevalue("tiny_cache")}
     if argv[0] in ("train", "verify"):
         values["train"] = request.getfixturevalue("train_dir")
-    if case == "existing run":
+    if case in ("existing run", "weights that do not fit"):
         values["run"] = request.getfixturevalue("existing_run")
     argv = [a.format(**values) for a in argv]
     if argv[0] == "train":

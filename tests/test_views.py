@@ -46,7 +46,7 @@ def random_sizes(seed: int, n: int) -> np.ndarray:
 def test_dtypes_are_the_cache_dtypes():
     v = sample_unit_views(FM, 0, 0, 0, SIZES)
     assert len(v) == len(SIZES)
-    assert v.seed.dtype == np.uint32
+    assert v.seed.dtype == np.uint16
     assert v.box.dtype == np.uint16 and v.box.shape == (len(SIZES), 4)
     assert v.flip.dtype == bool and v.partner_flip.dtype == bool
     assert v.partner.dtype == np.int64
@@ -88,7 +88,7 @@ def test_different_epoch_seed_or_index_gives_different_views():
 def test_seed_field_is_low_bits_of_the_view_key():
     v = sample_unit_views(FM, 11, 4, 50, SIZES)
     keys = view_keys(11, 4, 50 + np.arange(len(SIZES)))
-    assert np.array_equal(v.seed, (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    assert np.array_equal(v.seed, (keys & np.uint64(0xFFFF)).astype(np.uint16))
 
 
 def test_view_keys_are_distinct_over_indices_epochs_streams():

@@ -350,6 +350,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="[cpu 32, cuda 256]")
     p.add_argument("--workers", type=int, help="DataLoader workers [cpu 1, cuda 8]")
     p.add_argument("--rows", type=int, default=100_000, help="rows of the size/read test [100000]")
+    p.add_argument(
+        "--rows-per-unit",
+        type=int,
+        default=2500,
+        help="shard size of the size/read test: zarr's fixed cost per read makes larger shards "
+        "read faster [2500]",
+    )
     p.add_argument("--dir", help="work directory [a temporary one]")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--stage-config", help=argparse.SUPPRESS)
@@ -370,8 +377,8 @@ def main() -> None:
     c.update(
         device=device,
         repeats=3,
-        row_units=max(1, args.rows // 5000),
-        rows_per_unit=5000,
+        row_units=max(1, args.rows // args.rows_per_unit),
+        rows_per_unit=args.rows_per_unit,
         cache=os.path.join(work, "teacher.zarr"),
         rows_cache=os.path.join(work, "rows.zarr"),
     )

@@ -48,6 +48,7 @@ class TrainConfig:
     num_classes: int | None = None
     resume: bool = False
     limit: int | None = None  # train on the first N samples only
+    strict: bool = False  # unusable rows are errors instead of skipped and counted
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 

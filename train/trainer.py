@@ -434,6 +434,11 @@ def _train_epoch(
     # The ranks ran side by side; a resumed epoch adds what its first part did.
     seconds = pos.seconds + seconds / place.world
     loss_sum, images, skipped = pos.loss_sum + loss_sum, pos.images + images, pos.skipped + skipped
+    if skipped and cfg.strict:
+        raise KdcacheError(
+            f"--strict: epoch {epoch + 1} met {int(skipped)} unusable rows (bad input in the "
+            "cache or an unreadable image); fix the data or drop --strict to skip them"
+        )
     if skipped:
         log.warning(
             "epoch %d: skipped %d unusable rows (bad input or unreadable image)", epoch + 1, skipped

@@ -1,0 +1,194 @@
+"""Damaged caches and bad inputs: found, named, refused, repaired; never silently used."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from conftest import (
+    TEACHER,
+    cache_config,  # noqa: I001 (kept next to the other conftest import)
+    copy_tree,
+    run_cli,
+    write_split,
+)
+
+from kdcache.cache import precompute
+from kdcache.cache.verify import verify
+from kdcache.data.shards import ShardWriter
+from kdcache.errors import CacheDamagedError, KdcacheError
+from kdcache.store import open_cache
+from kdcache.train import TrainConfig, fit
+
+pytestmark = pytest.mark.faults
+
+
+def chunk_file(cache: str, array: str, epoch: int | None, unit: int) -> str:
+    """The file holding one (epoch, unit) of an array (one Zarr shard)."""
+    parts = [cache, array, "c"] + ([str(epoch)] if epoch is not None else []) + [str(unit)]
+    path = os.path.join(*parts)
+    while os.path.isdir(path):  # trailing dimensions add "/0"
+        path = os.path.join(path, "0")
+    return path
+
+
+def flip_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def arrays(path: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(path, mode="r")
+    return {name: group[name][...] for name in group.array_keys()}
+
+
+DAMAGE = [
+    ("topk_logits", 1, 2),
+    ("box", 0, 0),
+    ("status", 1, 1),
+    ("label", None, 1),
+    ("done", 0, 2),
+]
+
+
+@pytest.mark.parametrize("array,epoch,unit", DAMAGE)
+def test_verify_finds_names_and_repairs_damage(array, epoch, unit, tmp_path, train_dir, tiny_cache):
+    cache = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    before = arrays(cache)
+    flip_byte(chunk_file(cache, array, epoch, unit))
+    with pytest.raises(CacheDamagedError) as err:
+        verify(cache, train_dir, TEACHER, samples=8, device="cpu")
+    where = f"{array} epoch {epoch} unit {unit}" if epoch is not None else f"{array} unit {unit}"
+    assert where in str(err.value) and "--repair" in str(err.value)
+    code, _, stderr = run_cli(
+        "verify",
+        cache,
+        "--data",
+        train_dir,
+        "--teacher",
+        TEACHER,
+        "--samples",
+        8,
+        "--device",
+        "cpu",
+    )
+    assert code == 2 and where in stderr and "Traceback" not in stderr
+    result = verify(cache, train_dir, TEACHER, samples=8, device="cpu", repair=True)
+    assert result["top1_agreement"] == 1.0
+    after = arrays(cache)
+    for name, want in before.items():
+        assert np.array_equal(after[name], want), name  # repaired to the very same bytes
+
+
+def test_trainer_refuses_a_damaged_unit(tmp_path, train_dir, val_dir, tiny_cache):
+    cache = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    flip_byte(chunk_file(cache, "topk_index", 0, 1))
+    cfg = TrainConfig(
+        data=train_dir,
+        val=val_dir,
+        student="kdcache:tiny_cnn",
+        out=str(tmp_path / "run"),
+        epochs=1,
+        teacher_mode="cached",
+        cache=cache,
+        image_size=16,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+    )
+    with pytest.raises(CacheDamagedError, match="'topk_index', epoch 0 unit 1"):
+        fit(cfg)
+
+
+def test_a_lost_shard_file_is_damage(tmp_path, train_dir, tiny_cache):
+    cache = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    os.remove(chunk_file(cache, "status", 0, 2))  # a committed unit whose rows vanished
+    with pytest.raises(CacheDamagedError, match="status epoch 0 unit 2"):
+        verify(cache, train_dir, TEACHER, samples=4, device="cpu")
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_labels(tmp_path_factory) -> str:
+    """One shard: 6 good samples, one without a label, one with label 99 (outside 10 classes)."""
+    out = tmp_path_factory.mktemp("odd")
+    write_split(out, "train", (6,), seed=3)
+    from conftest import synthetic_image
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(str(out), "extra", 2)
+    writer.write("nolabel-0", synthetic_image(rng, 1, (20, 20)), "png", 0)
+    writer.write("far-0", synthetic_image(rng, 2, (20, 20)), "png", 99)
+    writer.close()
+    # Strip the label of the first sample by rewriting its .cls member as empty text.
+    import io
+    import tarfile
+
+    path = os.path.join(out, "extra-000000.tar")
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == "nolabel-0.cls":
+                continue
+            tar.addfile(m, io.BytesIO(data))
+    return str(out)
+
+
+def test_missing_and_out_of_range_labels_are_marked_bad(odd_labels, tmp_path):
+    out = str(tmp_path / "c.zarr")
+    summary = precompute(
+        cache_config(odd_labels, out, epochs=1, num_classes=10, views="consistent")
+    )
+    assert summary["bad_rows"] == 2
+    status = open_cache(out).read_unit(0, 0)["status"]  # extra-000000.tar sorts first
+    assert status.tolist() == [2, 2]
+    with pytest.raises(KdcacheError, match="--strict"):
+        precompute(
+            cache_config(
+                odd_labels,
+                str(tmp_path / "s.zarr"),
+                epochs=1,
+                num_classes=10,
+                views="consistent",
+                strict=True,
+            )
+        )
+
+
+def test_training_skips_bad_rows_and_strict_refuses(odd_labels, tmp_path, val_dir):
+    cache = str(tmp_path / "c.zarr")
+    precompute(cache_config(odd_labels, cache, epochs=1, num_classes=10, views="consistent"))
+    kw = dict(
+        data=odd_labels,
+        val=val_dir,
+        student="kdcache:tiny_cnn",
+        epochs=1,
+        teacher_mode="cached",
+        cache=cache,
+        image_size=16,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+    )
+    result = fit(TrainConfig(out=str(tmp_path / "run"), **kw))
+    assert result["skipped_rows"] == 2
+    with pytest.raises(KdcacheError, match="--strict"):
+        fit(TrainConfig(out=str(tmp_path / "strict"), strict=True, **kw))
+
+
+def test_truncated_shard_is_named(tmp_path, train_dir):
+    data = copy_tree(train_dir, tmp_path / "train")
+    path = os.path.join(data, sorted(os.listdir(data))[1])
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    code, _, stderr = run_cli("index", data, "--rebuild")
+    assert code == 2 and os.path.basename(path) in stderr and "Traceback" not in stderr
