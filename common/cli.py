@@ -582,12 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-seed", type=int, default=0, help="seed of the views [0]")
     p.add_argument("--image-size", type=int, default=224, help="[224]")
     p.add_argument("--teacher-image-size", type=int, default=None, help="[--image-size]")
-    p.add_argument("--batch-size", type=int, default=256, help="[256]")
-    p.add_argument("--lr", type=float, default=1e-3, help="[1e-3]")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="[1e-4]")
-    p.add_argument("--warmup", type=float, default=1.0, help="[1]")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="[1]")
-    p.add_argument("--temperature", type=float, default=1.0, help="[1]")
+    _add_optim_options(p)
     _device(p)
     _common(p, smoke=True)
     p.set_defaults(func=cmd_ablate)
@@ -685,6 +680,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("optimisation (Beyer et al. 2022 names)")
     g.add_argument("--epochs", type=int, required=True)
+    _add_optim_options(g)
+    g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
+    _device(g)
+
+
+def _add_optim_options(g: Any) -> None:
+    """The optimiser knobs train and ablate share."""
     g.add_argument("--batch-size", type=int, default=256, help="[256]")
     g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate [1e-3]")
     g.add_argument(
@@ -696,8 +698,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=1.0, help="epochs of linear warm-up [1]")
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0 off [1]")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation T [1]")
-    g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
-    _device(g)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
