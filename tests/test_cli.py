@@ -316,6 +316,7 @@ def error_argv(case: str, request, tmp_path) -> list[str]:
     return argv
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_are_one_line_with_status_2(case, request, tmp_path):
     argv = error_argv(case, request, tmp_path)
@@ -324,6 +325,7 @@ def test_errors_are_one_line_with_status_2(case, request, tmp_path):
     assert_one_line_error(err, argv[0], *NEEDLES[case])
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_debug_raises(case, request, tmp_path):
     argv = error_argv(case, request, tmp_path)

@@ -192,3 +192,40 @@ def test_truncated_shard_is_named(tmp_path, train_dir):
         f.truncate(size // 2)
     code, _, stderr = run_cli("index", data, "--rebuild")
     assert code == 2 and os.path.basename(path) in stderr and "Traceback" not in stderr
+
+
+def test_truncated_and_empty_images_are_bad_rows(tmp_path, val_dir):
+    from conftest import synthetic_image
+
+    rng = np.random.default_rng(4)
+    writer = ShardWriter(str(tmp_path / "data"), "train", 8)
+    for n in range(8):
+        data = synthetic_image(rng, n % 10, (24, 24))
+        if n == 2:
+            data = data[: len(data) // 2]  # truncated: the header still gives a size
+        if n == 5:
+            data = b""  # an empty file
+        writer.write(f"t-{n}", data, "png", n % 10)
+    writer.close()
+    data = str(tmp_path / "data")
+    cache = str(tmp_path / "c.zarr")
+    summary = precompute(cache_config(data, cache, epochs=1, num_classes=10, views="consistent"))
+    assert summary["bad_rows"] == 2
+    status = open_cache(cache).read_unit(0, 0)["status"]
+    assert np.flatnonzero(status == 2).tolist() == [2, 5]
+    result = fit(
+        TrainConfig(
+            data=data,
+            val=val_dir,
+            student="kdcache:tiny_cnn",
+            out=str(tmp_path / "run"),
+            epochs=1,
+            teacher_mode="cached",
+            cache=cache,
+            image_size=16,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+        )
+    )
+    assert result["skipped_rows"] == 2

@@ -18,6 +18,8 @@ from kdcache.store import open_cache
 from kdcache.train import fit
 from kdcache.train.config import TrainConfig
 
+pytestmark = pytest.mark.faults  # wrong inputs are refused: part of `pytest -m faults`
+
 
 def train_cfg(data: str, val: str, cache: str, out, **kw) -> TrainConfig:
     opts = dict(

@@ -401,3 +401,13 @@ def test_online_and_cached_agree_on_consistent_views(
     with open(cached_out / "config.json") as f:
         assert json.load(f)["view_spec"]["name"] == "consistent"  # the cache decided
     assert abs(cached["train_loss"] - online["train_loss"]) < 1e-3, (cached, online)
+
+
+@pytest.mark.parametrize("preset", ["center", "consistent"])
+def test_verify_works_on_every_preset(preset, train_dir, tmp_path):
+    from kdcache.cache.verify import verify
+
+    out = str(tmp_path / f"{preset}.zarr")
+    precompute(cache_config(train_dir, out, views=preset, epochs=1))
+    result = verify(out, train_dir, TEACHER, samples=12, device="cpu")
+    assert result["checked"] == 12 and result["top1_agreement"] == 1.0
