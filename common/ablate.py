@@ -341,6 +341,9 @@ def _plot(results: dict[str, Any], path: str) -> None:
         ax.set(
             xlabel="training epochs", ylabel="final val accuracy", xscale="log", title="patience"
         )
+        ticks = sorted({int(e) for p in results["patience"].values() for e in p})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
