@@ -229,3 +229,48 @@ def test_truncated_and_empty_images_are_bad_rows(tmp_path, val_dir):
         )
     )
     assert result["skipped_rows"] == 2
+
+
+def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypatch):
+    """A store that runs out of space (ENOSPC from the writer thread): a clear message, exit 2,
+    and the same command finishes the cache once there is room again."""
+    import errno
+
+    from kdcache import store
+
+    out = str(tmp_path / "c.zarr")
+    real = store.Cache.write_unit
+    calls = {"n": 0}
+
+    def full_after_two(self, epoch, unit, rows):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", out)
+        real(self, epoch, unit, rows)
+
+    monkeypatch.setattr(store.Cache, "write_unit", full_after_two)
+    argv = (
+        "precompute",
+        "--data",
+        train_dir,
+        "--teacher",
+        TEACHER,
+        "--out",
+        out,
+        "--epochs",
+        2,
+        "--teacher-image-size",
+        16,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--batch-size",
+        8,
+    )
+    code, _, stderr = run_cli(*argv)
+    assert code == 2 and "No space left on device" in stderr and "Traceback" not in stderr
+    assert open_cache(out).done_mask().sum() == 2
+    monkeypatch.setattr(store.Cache, "write_unit", real)
+    code, _, _ = run_cli(*argv)
+    assert code == 0 and open_cache(out).done_mask().all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,25 @@ def test_removed_shard_is_refused(tmp_path, tiny_cache, train_dir, val_dir):
     message = str(e.value)
     assert "data_fingerprint" in message
     assert "2 shards" in message and "3 shards" in message
+
+
+def test_added_shard_is_refused(tmp_path, tiny_cache, train_dir, val_dir):
+    data = copy_tree(train_dir, tmp_path / "train")
+    shutil.copy(os.path.join(data, "train-000001.tar"), os.path.join(data, "train-000003.tar"))
+    with pytest.raises(CacheMismatchError, match="data_fingerprint"):
+        fit(train_cfg(data, val_dir, tiny_cache, tmp_path / "run"))
+
+
+def test_reordered_shards_are_refused(tmp_path, tiny_cache, train_dir, val_dir):
+    data = (
+        os.path.join(train_dir, "train-000001.tar")
+        + ","
+        + os.path.join(train_dir, "train-000000.tar")
+        + ","
+        + os.path.join(train_dir, "train-000002.tar")
+    )
+    with pytest.raises(CacheMismatchError, match="data_fingerprint"):
+        fit(train_cfg(data, val_dir, tiny_cache, tmp_path / "run"))
 
 
 def test_changed_shard_contents_are_refused(tmp_path, tiny_cache, val_dir):
