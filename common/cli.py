@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train a student (cached, online or hard-label teacher)",
+        help="train a student (teacher modes: cached, online, fixed, independent, none)",
         description="Stream the shards, replay or draw the views, train the "
         "student. Writes OUT/config.json, metrics.jsonl, "
         "checkpoint.pt and model.pt.",
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole flow on the bundled digits data (~5 min on CPU)",
+        help="the whole flow on the bundled digits data (~7 min on 2 CPU cores)",
         description="digits shards -> teacher (hard labels) -> function-matching "
         "cache -> the same student three ways (hard labels, online "
         "teacher, cached teacher) -> OUT/report.json, "
