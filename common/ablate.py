@@ -146,6 +146,7 @@ def _train(
     fit: Callable,
 ) -> dict[str, Any]:
     from kdcache.train import TrainConfig
+    from kdcache.train.trainer import read_metrics
 
     slug = mode.replace(":", "-")
     run = os.path.join(
@@ -180,8 +181,7 @@ def _train(
     )
     log.info("ablate: %s seed %d, %d epochs -> %s", mode, seed, epochs, run)
     fit(train_cfg)
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f if line.strip()]
+    history = read_metrics(run)
     # From the run's own record, so a reused run reports its training time, not the reuse's.
     wall = sum(m.get("epoch_seconds", m["seconds"]) for m in history)
     return {"history": history, "wall_seconds": wall, "run": run}

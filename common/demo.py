@@ -44,11 +44,6 @@ SMOKE = DemoPlan(teacher_epochs=1, student_epochs=1, cache_epochs=1, limit=256)
 MODES = ("none", "online", "cached")
 
 
-def _read_metrics(run: str) -> list[dict[str, Any]]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def run_demo(
     out: str,
     smoke: bool = False,
@@ -66,6 +61,7 @@ def run_demo(
     from kdcache.data.shards import write_shards
     from kdcache.train import TrainConfig
     from kdcache.train import fit as plain_fit
+    from kdcache.train.trainer import read_metrics
 
     plan = SMOKE if smoke else DemoPlan()
     fit = fit or plain_fit
@@ -100,7 +96,7 @@ def run_demo(
         )
         log.info("training %s (%s, %d epochs)", name, mode, epochs)
         fit(cfg)
-        return {"history": _read_metrics(run), "run": run}
+        return {"history": read_metrics(run), "run": run}
 
     teacher_run = train(
         "teacher", "none", plan.teacher, plan.teacher_epochs, views=plan.teacher_views

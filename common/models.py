@@ -152,8 +152,6 @@ def create_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = factory(num_classes=num_classes)
-    except KdcacheError:
-        raise
     except TypeError as e:
         raise KdcacheError(f"model factory of {spec!r} does not take num_classes: {e}") from None
     if weights:

@@ -62,9 +62,9 @@ class Cache:
         return self._group
 
     def array(self, name: str) -> zarr.Array:
-        if name not in self._arrays or self._pid != os.getpid():
-            self.group  # noqa: B018 (reopens after a fork)
-            self._arrays[name] = self.group[name]
+        group = self.group  # reopens (and forgets array handles) after a fork
+        if name not in self._arrays:
+            self._arrays[name] = group[name]
         return self._arrays[name]
 
     # -- layout ----------------------------------------------------------------------------
@@ -145,50 +145,35 @@ class Cache:
         counts as damaged too. progress: called with 1 per unit read.
         """
         damage: list[dict[str, Any]] = []
+
+        def record(array: str, epoch: int | None, unit: int, error: str) -> None:
+            damage.append({"array": array, "epoch": epoch, "unit": unit, "error": error})
+
         try:
             done = self.done_mask()
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError):  # then cell by cell, to name the bad marks
             done = np.zeros((self.epochs, len(self.units)), dtype=bool)
-            for epoch in range(self.epochs):
-                for unit in range(len(self.units)):
-                    try:
-                        done[epoch, unit] = bool(self.array(schema.DONE_ARRAY)[epoch, unit])
-                    except (OSError, ValueError, RuntimeError):
-                        damage.append(
-                            {
-                                "array": schema.DONE_ARRAY,
-                                "epoch": epoch,
-                                "unit": unit,
-                                "error": str(e),
-                            }
-                        )
+            for epoch, unit in np.ndindex(done.shape):
+                try:
+                    done[epoch, unit] = bool(self.array(schema.DONE_ARRAY)[epoch, unit])
+                except (OSError, ValueError, RuntimeError) as e:
+                    record(schema.DONE_ARRAY, epoch, unit, str(e))
         for unit in range(len(self.units)):
             for field in schema.SAMPLE_FIELDS:
                 try:
                     self._read(field.name, self.unit_rows(unit), None, unit)
                 except CacheDamagedError as e:
-                    damage.append(
-                        {"array": field.name, "epoch": None, "unit": unit, "error": str(e)}
-                    )
+                    record(field.name, None, unit, str(e))
         for epoch, unit in np.argwhere(done):
             epoch, unit = int(epoch), int(unit)
             for field in schema.ROW_FIELDS:
                 try:
                     values = self._read(field.name, (epoch, self.unit_rows(unit)), epoch, unit)
                 except CacheDamagedError as e:
-                    damage.append(
-                        {"array": field.name, "epoch": epoch, "unit": unit, "error": str(e)}
-                    )
+                    record(field.name, epoch, unit, str(e))
                     continue
                 if field.name == "status" and (values == schema.PADDING).any():
-                    damage.append(
-                        {
-                            "array": "status",
-                            "epoch": epoch,
-                            "unit": unit,
-                            "error": "committed rows are missing (a lost shard file?)",
-                        }
-                    )
+                    record("status", epoch, unit, "committed rows are missing (a lost shard file?)")
             if progress:
                 progress(1)
         return damage

@@ -103,7 +103,7 @@ class TrainBatches(Dataset):
     ) -> tuple[Views, np.ndarray, dict[str, np.ndarray], Views | None]:
         """Views, usable mask, cached targets and teacher views of ``rows``, from their units."""
         index = self.s.index
-        units = np.array([index.unit_index_of(int(i)) for i in rows])
+        units = index.units_of(rows)
         local = rows - np.array([index.units[u].start for u in units], dtype=np.int64)
         parts = [self._unit(int(u)) for u in units]
 

@@ -502,13 +502,18 @@ def _cut_logs(out: str, pos: _Position) -> None:
             os.replace(tmp, path)
 
 
+def read_metrics(out: str) -> list[dict[str, Any]]:
+    """A run directory's ``metrics.jsonl``: one dict per finished epoch."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _last_metrics(out: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1]) if lines else {}
+        history = read_metrics(out)
     except (OSError, ValueError):
         return {}
+    return history[-1] if history else {}
 
 
 def _write_config(cfg: TrainConfig, run: _Run) -> None:

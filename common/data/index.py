@@ -101,7 +101,11 @@ class DatasetIndex:
 
     def unit_index_of(self, i: int) -> int:
         """The unit holding global sample ``i``."""
-        return int(np.searchsorted(self._starts, i, side="right") - 1)
+        return int(self.units_of(np.array([i]))[0])
+
+    def units_of(self, rows: np.ndarray) -> np.ndarray:
+        """The units holding global samples ``rows``: (N,) int -> (N,) int64."""
+        return np.searchsorted(self._starts, rows, side="right") - 1
 
     def describe(self) -> dict:
         """Unit table for cache attributes and ``--json`` output (no paths)."""
