@@ -5,9 +5,9 @@ is its prose twin; change the two together and bump :data:`SCHEMA_VERSION` when 
 old version could misread the new layout.
 
 Layout. Rows are ``unit * slot + position``: each unit (tar shard) owns a slot of ``slot`` rows
-(its largest unit rounded up to ``chunk_rows``; unused rows are padding) and one Zarr shard is
-exactly one (epoch, slot), so a work unit (epoch, unit) is written whole by one writer and no two
-units ever share a shard.
+(its largest unit rounded up to ``chunk_rows``; unused rows are padding) and one file (a chunk,
+or a Zarr shard of chunks for units longer than ``chunk_rows``) is exactly one (epoch, slot), so
+a work unit (epoch, unit) is written whole by one writer and no two units ever share a file.
 """
 
 from __future__ import annotations

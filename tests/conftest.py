@@ -7,6 +7,7 @@ Everything is session-scoped and read-only; a test that changes data or a cache 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,15 @@ def tiny_cache(tmp_path_factory, train_dir) -> str:
     assert summary["epochs_complete"] == CACHE_EPOCHS
     assert summary["bad_rows"] == 0
     return out
+
+
+def chunk_file(cache: str, array: str, epoch: int | None, unit: int) -> str:
+    """The file holding one (epoch, unit) of an array (a chunk, or a shard of chunks)."""
+    parts = [cache, array, "c"] + ([str(epoch)] if epoch is not None else []) + [str(unit)]
+    path = os.path.join(*parts)
+    while os.path.isdir(path):  # trailing dimensions add "/0"
+        path = os.path.join(path, "0")
+    return path
 
 
 def copy_tree(src: str, dst: Path) -> str:

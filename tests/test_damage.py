@@ -10,6 +10,7 @@ import zarr
 from conftest import (
     TEACHER,
     cache_config,  # noqa: I001 (kept next to the other conftest import)
+    chunk_file,
     copy_tree,
     run_cli,
     write_split,
@@ -23,15 +24,6 @@ from kdcache.store import open_cache
 from kdcache.train import TrainConfig, fit
 
 pytestmark = pytest.mark.faults
-
-
-def chunk_file(cache: str, array: str, epoch: int | None, unit: int) -> str:
-    """The file holding one (epoch, unit) of an array (one Zarr shard)."""
-    parts = [cache, array, "c"] + ([str(epoch)] if epoch is not None else []) + [str(unit)]
-    path = os.path.join(*parts)
-    while os.path.isdir(path):  # trailing dimensions add "/0"
-        path = os.path.join(path, "0")
-    return path
 
 
 def flip_byte(path: str) -> None:

@@ -238,6 +238,7 @@ def peaked_logits(rng: np.random.Generator, n: int) -> np.ndarray:
 def stage_rows(c: dict) -> dict:
     """bytes_per_row on disk and target_rows_per_s, on a synthetic ImageNet-sized cache."""
     import torch
+    from numcodecs import blosc
 
     from kdcache import schema
     from kdcache.render import RENDERER
@@ -247,6 +248,7 @@ def stage_rows(c: dict) -> dict:
     from kdcache.views import get_spec, sample_unit_views
 
     torch.set_num_threads(1)
+    blosc.use_threads = False  # one core: blosc would otherwise decompress on several threads
     rng = np.random.default_rng(1)
     units, per_unit, k = c["row_units"], c["rows_per_unit"], 10
     n = units * per_unit

@@ -1,0 +1,76 @@
+"""The direct chunk reader (kdcache.chunks) reads exactly what zarr reads, and knows its limits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from conftest import cache_config, chunk_file, copy_tree
+
+from kdcache import schema
+from kdcache.cache import precompute
+from kdcache.errors import CacheDamagedError
+from kdcache.store import open_cache
+
+ALL_FIELDS = schema.ROW_FIELDS + schema.SAMPLE_FIELDS
+
+
+def zarr_rows(path: str, name: str, epoch: int | None, rows: slice) -> np.ndarray:
+    array = zarr.open_group(path, mode="r")[name]
+    return array[rows] if epoch is None else array[epoch, rows]
+
+
+def test_every_array_of_a_cache_reads_directly_and_equals_zarr(tiny_cache):
+    cache = open_cache(tiny_cache)
+    assert all(cache._chunk_file(f.name) is not None for f in ALL_FIELDS)  # the fast path is used
+    for unit in range(len(cache.units)):
+        rows = cache.unit_rows(unit)
+        for epoch in range(cache.epochs):
+            got = cache.read_unit(epoch, unit)
+            for f in schema.ROW_FIELDS:
+                want = zarr_rows(tiny_cache, f.name, epoch, rows)
+                assert got[f.name].dtype == want.dtype and got[f.name].shape == want.shape
+                assert np.array_equal(got[f.name], want), (f.name, epoch, unit)
+                assert got[f.name].flags.writeable
+        for name, values in cache.read_samples(unit).items():
+            assert np.array_equal(values, zarr_rows(tiny_cache, name, None, rows)), name
+
+
+def test_a_sharded_cache_reads_through_zarr_and_holds_the_same_rows(
+    tmp_path, train_dir, tiny_cache
+):
+    out = str(tmp_path / "sharded.zarr")
+    precompute(cache_config(train_dir, out, chunk_rows=4))  # units of 7 rows: 2 chunks a shard
+    sharded, plain = open_cache(out), open_cache(tiny_cache)
+    assert sharded.array("topk_index").shards == (1, 8, 10)
+    assert plain.array("topk_index").shards is None  # a unit that fits one chunk is not sharded
+    assert all(sharded._chunk_file(f.name) is None for f in schema.ROW_FIELDS)
+    for unit in range(len(plain.units)):
+        for epoch in range(plain.epochs):
+            a, b = sharded.read_unit(epoch, unit), plain.read_unit(epoch, unit)
+            for name in a:
+                assert np.array_equal(a[name], b[name]), (name, epoch, unit)
+
+
+def test_an_unwritten_unit_reads_as_fill_values_like_zarr(tmp_path, tiny_cache):
+    path = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    cache = open_cache(path, mode="a")
+    cache.extend(cache.epochs + 1)
+    epoch = cache.epochs - 1
+    got = open_cache(path).read_unit(epoch, 0)
+    for f in schema.ROW_FIELDS:
+        assert np.array_equal(got[f.name], zarr_rows(path, f.name, epoch, cache.unit_rows(0)))
+        assert (got[f.name] == f.fill).all(), f.name
+
+
+@pytest.mark.parametrize("keep", [0, 3, 20])
+def test_a_truncated_chunk_is_damage(keep, tmp_path, tiny_cache):
+    path = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    target = chunk_file(path, "topk_logits", 1, 0)
+    assert os.path.getsize(target) > keep
+    with open(target, "r+b") as f:
+        f.truncate(keep)
+    with pytest.raises(CacheDamagedError, match="'topk_logits', epoch 1 unit 0"):
+        open_cache(path).read_unit(1, 0)
