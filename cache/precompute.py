@@ -160,6 +160,14 @@ def _plan_work(
     return batches
 
 
+def _stored_index(path: str) -> DatasetIndex | None:
+    """The index held by an existing cache at ``path`` (a job resumed on another machine)."""
+    try:
+        return open_cache(path).dataset_index()
+    except KdcacheError:
+        return None
+
+
 def _open_or_create(cfg: PrecomputeConfig, index: DatasetIndex, identity: dict) -> Cache:
     meta_extra = {
         "teacher_weights": cfg.teacher_weights,
@@ -190,7 +198,7 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
     place, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
     spec = get_spec(cfg.views)
-    index = load_index(cfg.data)
+    index = load_index(cfg.data, known=lambda: _stored_index(cfg.out))
     num_classes = cfg.num_classes or index.num_classes
     if num_classes < 2:
         raise KdcacheError(

@@ -64,7 +64,7 @@ def verify(
     ``repair`` the damaged units are recomputed (and only those) before the views are checked.
     """
     cache = open_cache(cache_path, mode="a" if repair else "r")
-    index = load_index(data)
+    index = load_index(data, known=cache.dataset_index)
     cache.check_identity(
         {"data_fingerprint": index.fingerprint, "renderer": RENDERER}, what=f"data {data}"
     )

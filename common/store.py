@@ -19,6 +19,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kdcache import faults, schema
 from kdcache.chunks import ChunkFile
+from kdcache.data.index import DatasetIndex, Unit
 from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
 from kdcache.views import ViewSpec
 
@@ -109,6 +110,37 @@ class Cache:
     def unit_rows(self, unit: int) -> slice:
         start = unit * self.slot
         return slice(start, start + int(self.units[unit]["count"]))
+
+    def dataset_index(self) -> DatasetIndex | None:
+        """The index of the data this cache was made from (units with their URLs and stamps,
+        per-sample arrays in global order); None for a cache that does not record URLs, or whose
+        per-sample arrays cannot be read (then the shards are indexed and verify finds why)."""
+        units = self.units
+        if not all("url" in u and "stamp" in u for u in units):
+            return None
+        keep = np.concatenate(
+            [np.arange(int(u["count"])) + i * self.slot for i, u in enumerate(units)]
+        )
+        try:  # whole arrays: one zarr call each, its chunks fetched concurrently
+            rows = {f.name: self.array(f.name)[...][keep] for f in schema.SAMPLE_FIELDS}
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            log.warning(
+                "cannot read the index stored in %s (%s); indexing the shards", self.path, e
+            )
+            return None
+        table = [
+            Unit(
+                u["name"],
+                u["url"],
+                int(u["start"]),
+                int(u["count"]),
+                u["content_hash"],
+                int(u["bytes"]),
+                u["stamp"],
+            )
+            for u in units
+        ]
+        return DatasetIndex(table, rows["key_hash"], rows["label"], rows["size"])
 
     # -- progress --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 
 from kdcache.cache import PrecomputeConfig, precompute
 from kdcache.cache.verify import verify
+from kdcache.data import index as index_module
 from kdcache.data.index import load_index
 from kdcache.store import open_cache
 from kdcache.train import TrainConfig, fit
@@ -76,6 +77,13 @@ def test_cache_on_s3_precompute_train_verify(s3, tmp_path, monkeypatch):
     cache = open_cache("s3://kdcache-test/caches/t.zarr")
     assert cache.complete_epochs() == [0]
     assert s3.exists("kdcache-test/caches/t.zarr/zarr.json")
+    # Train on "another machine": no saved index; the shards' index comes from the cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-trainer"))
+    indexed: list[str] = []
+    build = index_module.build_index
+    monkeypatch.setattr(
+        index_module, "build_index", lambda urls, p=None: indexed.extend(urls) or build(urls, p)
+    )
     result = fit(
         TrainConfig(
             data="s3://kdcache-test/train",
@@ -92,6 +100,7 @@ def test_cache_on_s3_precompute_train_verify(s3, tmp_path, monkeypatch):
         )
     )
     assert np.isfinite(result["train_loss"])
+    assert indexed and not any("/train/" in url for url in indexed)  # only val was read to index
     checked = verify(
         "s3://kdcache-test/caches/t.zarr", "s3://kdcache-test/train", "kdcache:tiny_cnn", samples=10
     )

@@ -61,7 +61,7 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
     cache, cache_epochs = None, []
     if cfg.teacher_mode in ("cached", "fixed"):
         cache = open_cache(cfg.cache)
-    index = load_index(cfg.data)
+    index = load_index(cfg.data, known=cache.dataset_index if cache else None)
     val = load_index(cfg.val)
     if cache is not None:
         _check_cache(cache, cfg, index)

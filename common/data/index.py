@@ -6,8 +6,11 @@ views need the size before anything is decoded). The fingerprint covers unit bas
 and content hashes, not paths, so a copy of the shards elsewhere has the same fingerprint.
 
 The index is saved next to the shards (``_kdcache_index-<hash>.npz``) when that directory is
-writable, else in the user cache directory; every cache also holds its own copy of the per-sample
-arrays. A saved index is rebuilt when a shard's size or modification time changed.
+writable, else in the user cache directory. Every cache holds the index of the data it was made
+from too (its unit table, with each shard's URL and stamp, and the per-sample arrays), so a
+machine that has the cache but no saved index of read-only shards (an ``s3://`` bucket, say) takes
+the cache's instead of reading every shard. Any index is used only while each shard's URL, size
+and stamp (modification time or ETag) are what they were when it was built.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class DatasetIndex:
         return np.searchsorted(self._starts, rows, side="right") - 1
 
     def describe(self) -> dict:
-        """Unit table for cache attributes and ``--json`` output (no paths)."""
+        """Unit table for cache attributes and ``--json`` output. ``url`` and ``stamp`` say where
+        each shard was and in what state; the fingerprint does not depend on them."""
         return {
             "fingerprint": self.fingerprint,
             "num_samples": self.num_samples,
@@ -119,6 +123,8 @@ class DatasetIndex:
                     "content_hash": u.content_hash,
                     "start": u.start,
                     "bytes": u.bytes,
+                    "url": u.url,
+                    "stamp": u.stamp,
                 }
                 for u in self.units
             ],
@@ -232,23 +238,31 @@ def load_index(
     data: str,
     rebuild: bool = False,
     progress: Callable[[int], None] | None = None,
+    known: Callable[[], DatasetIndex | None] | None = None,
 ) -> DatasetIndex:
-    """The index of DATA: the saved one when still fresh, else built now and saved."""
+    """The index of DATA: a saved one when still fresh, else ``known()`` (a cache's copy) when
+    fresh, else built now by reading every shard; the last two are then saved."""
     urls = expand_data(data)
     candidates = _index_path_candidates(urls)
+    index = None
     if not rebuild:
         for path in candidates:
             if os.path.exists(path):
                 try:
-                    index = DatasetIndex.load(path)
+                    saved = DatasetIndex.load(path)
                 except (OSError, ValueError, KeyError) as e:
                     log.warning("ignoring unreadable index %s: %s", path, e)
                     continue
-                if _fresh(index, urls):
-                    return index
+                if _fresh(saved, urls):
+                    return saved
                 log.info("index %s is stale (shards changed); re-indexing", path)
-    log.info("indexing %d shards of %s", len(urls), data)
-    index = build_index(urls, progress)
+        offered = known() if known else None
+        if offered is not None and _fresh(offered, urls):
+            log.info("using the index stored in the cache for %s", data)
+            index = offered
+    if index is None:
+        log.info("indexing %d shards of %s", len(urls), data)
+        index = build_index(urls, progress)
     for path in candidates:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
