@@ -195,7 +195,7 @@ class Cache:
         """Read every committed chunk of every array, checking every checksum.
 
         Returns the damage found: ``{"array", "epoch" (None for per-sample arrays), "unit",
-        "error"}`` each. A committed unit whose rows read back as padding (a lost shard file)
+        "error"}`` each. A committed unit whose rows read back as padding (a lost unit file)
         counts as damaged too. progress: called with 1 per unit read.
         """
         damage: list[dict[str, Any]] = []
@@ -227,7 +227,7 @@ class Cache:
                     record(field.name, epoch, unit, str(e))
                     continue
                 if field.name == "status" and (values == schema.PADDING).any():
-                    record("status", epoch, unit, "committed rows are missing (a lost shard file?)")
+                    record("status", epoch, unit, "committed rows are missing (a lost unit file?)")
             if progress:
                 progress(1)
         return damage
@@ -256,7 +256,8 @@ class Cache:
                 raise ValueError(f"{field.name}: {data.shape[0]} rows for a unit of {count}")
             full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
             full[:count] = data
-            arr[epoch, start : start + self.slot] = full  # exactly one shard
+            # exactly one file: the unit's chunk (or shard)
+            arr[epoch, start : start + self.slot] = full
             faults.point("write")
         faults.point("commit")
         self.array(schema.DONE_ARRAY)[epoch, unit] = 1
