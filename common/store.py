@@ -8,6 +8,7 @@ complete files of some arrays but never a unit that reads as done.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own I/O loop
 
 from kdcache import faults, schema
 from kdcache.chunks import ChunkFile
@@ -24,6 +26,10 @@ from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
 from kdcache.views import ViewSpec
 
 log = logging.getLogger(__name__)
+
+# What a damaged chunk raises: a failed checksum (ValueError), blosc (RuntimeError), a torn file
+# (OSError), a shard index that points nowhere (KeyError).
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 
 
 def _compressors(shuffle: str = "bitshuffle") -> list:
@@ -123,7 +129,7 @@ class Cache:
         )
         try:  # whole arrays: one zarr call each, its chunks fetched concurrently
             rows = {f.name: self.array(f.name)[...][keep] for f in schema.SAMPLE_FIELDS}
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except _READ_ERRORS as e:
             log.warning(
                 "cannot read the index stored in %s (%s); indexing the shards", self.path, e
             )
@@ -157,39 +163,60 @@ class Cache:
         self, epoch: int, unit: int, fields: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
         """The unit's rows of one epoch: one contiguous read per array, (count, ...) each."""
-        names = fields or tuple(f.name for f in schema.ROW_FIELDS)
-        return {name: self._read(name, epoch, unit) for name in names}
+        return self._read(fields or tuple(f.name for f in schema.ROW_FIELDS), epoch, unit)
 
     def read_samples(self, unit: int) -> dict[str, np.ndarray]:
-        return {f.name: self._read(f.name, None, unit) for f in schema.SAMPLE_FIELDS}
+        return self._read(tuple(f.name for f in schema.SAMPLE_FIELDS), None, unit)
 
-    def _read(self, name: str, epoch: int | None, unit: int) -> np.ndarray:
-        """A unit's rows of one array (of one epoch, or per-sample when ``epoch`` is None).
+    def _read(self, names: tuple[str, ...], epoch: int | None, unit: int) -> dict[str, np.ndarray]:
+        """A unit's rows of some arrays (of one epoch, or per-sample when ``epoch`` is None).
 
-        When the unit is one whole chunk of a local array, the chunk file is read directly
-        (:mod:`kdcache.chunks`, ~10x faster than a zarr call); otherwise through zarr. Damage (a
-        failed checksum or decompression) becomes a clear error either way.
+        Where the unit is one whole chunk of a local array, the chunk file is read directly
+        (:mod:`kdcache.chunks`, ~10x faster than a zarr call). The other arrays (a URL, a sharded
+        layout) are read through zarr in one round trip, concurrently: on object storage a unit
+        then costs one request latency, not one per array. Damage (a failed checksum or
+        decompression) becomes a :class:`CacheDamagedError` naming the array either way.
         """
         rows = self.unit_rows(unit)
-        try:
-            chunk = self._chunk_file(name)
-            axis = 0 if epoch is None else 1  # the row axis
-            if chunk is None or chunk.shape[axis] != self.slot:
-                return self.array(name)[rows if epoch is None else (epoch, rows)]
-            lead = (unit,) if epoch is None else (epoch, unit)
-            values = chunk.read(lead + (0,) * (len(chunk.shape) - len(lead)))
-            return (
-                values[: rows.stop - rows.start]
-                if epoch is None
-                else values[0, : rows.stop - rows.start]
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            at = f"epoch {epoch} " if epoch is not None else ""
-            raise CacheDamagedError(
-                f"cache {self.path}: array {name!r}, {at}unit {unit} "
-                f"({self.units[unit]['name']}) is damaged ({type(e).__name__}: {e}); "
-                "find all damage with `kdcache verify` and fix it with `kdcache verify --repair`"
-            ) from None
+        count = rows.stop - rows.start
+        out: dict[str, np.ndarray] = {}
+        through_zarr = []
+        for name in names:
+            try:
+                chunk = self._chunk_file(name)
+                if chunk is None or chunk.shape[0 if epoch is None else 1] != self.slot:
+                    through_zarr.append(self.array(name).async_array)
+                    continue
+                lead = (unit,) if epoch is None else (epoch, unit)
+                values = chunk.read(lead + (0,) * (len(chunk.shape) - len(lead)))
+                out[name] = values[:count] if epoch is None else values[0, :count]
+            except _READ_ERRORS as e:
+                raise self._damaged(name, epoch, unit, e) from None
+        if through_zarr:
+            selection = rows if epoch is None else (epoch, rows)
+
+            async def read_all() -> list[Any]:
+                reads = (a.getitem(selection) for a in through_zarr)
+                return await asyncio.gather(*reads, return_exceptions=True)
+
+            for array, values in zip(through_zarr, zarr_sync(read_all()), strict=True):
+                name = array.basename
+                if isinstance(values, _READ_ERRORS):
+                    raise self._damaged(name, epoch, unit, values) from None
+                if isinstance(values, BaseException):
+                    raise values
+                out[name] = values
+        return {name: out[name] for name in names}
+
+    def _damaged(
+        self, name: str, epoch: int | None, unit: int, error: BaseException
+    ) -> CacheDamagedError:
+        at = f"epoch {epoch} " if epoch is not None else ""
+        return CacheDamagedError(
+            f"cache {self.path}: array {name!r}, {at}unit {unit} "
+            f"({self.units[unit]['name']}) is damaged ({type(error).__name__}: {error}); "
+            "find all damage with `kdcache verify` and fix it with `kdcache verify --repair`"
+        )
 
     def scan(self, progress: Any = None) -> list[dict[str, Any]]:
         """Read every committed chunk of every array, checking every checksum.
@@ -215,14 +242,14 @@ class Cache:
         for unit in range(len(self.units)):
             for field in schema.SAMPLE_FIELDS:
                 try:
-                    self._read(field.name, None, unit)
+                    self._read((field.name,), None, unit)
                 except CacheDamagedError as e:
                     record(field.name, None, unit, str(e))
         for epoch, unit in np.argwhere(done):
             epoch, unit = int(epoch), int(unit)
             for field in schema.ROW_FIELDS:
                 try:
-                    values = self._read(field.name, epoch, unit)
+                    values = self._read((field.name,), epoch, unit)[field.name]
                 except CacheDamagedError as e:
                     record(field.name, epoch, unit, str(e))
                     continue

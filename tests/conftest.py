@@ -117,6 +117,14 @@ def chunk_file(cache: str, array: str, epoch: int | None, unit: int) -> str:
     return path
 
 
+def flip_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
 def copy_tree(src: str, dst: Path) -> str:
     shutil.copytree(src, dst)
     return str(dst)

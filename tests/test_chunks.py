@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
 import pytest
 import zarr
-from conftest import cache_config, chunk_file, copy_tree
+from conftest import cache_config, chunk_file, copy_tree, flip_byte
+from zarr.storage import LocalStore, WrapperStore
 
 from kdcache import schema
 from kdcache.cache import precompute
@@ -74,3 +76,40 @@ def test_a_truncated_chunk_is_damage(keep, tmp_path, tiny_cache):
         f.truncate(keep)
     with pytest.raises(CacheDamagedError, match="'topk_logits', epoch 1 unit 0"):
         open_cache(path).read_unit(1, 0)
+
+
+class InFlight(WrapperStore):
+    """A store that counts how many reads are waiting at once (each waits 10 ms)."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.now = self.most = 0
+
+    async def get(self, *args, **kwargs):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.01)
+        self.now -= 1
+        return await self._store.get(*args, **kwargs)
+
+
+def test_reads_through_zarr_are_one_concurrent_round_trip(tiny_cache):
+    cache = open_cache(tiny_cache)
+    store = InFlight(LocalStore(tiny_cache, read_only=True))
+    cache._group = zarr.open_group(store, mode="r")  # as a URL would be: no direct reads
+    cache._chunk_files = {f.name: None for f in ALL_FIELDS}
+    for f in schema.ROW_FIELDS:
+        cache.array(f.name)  # open the arrays first: only the row reads are counted
+    store.most = 0
+    got = cache.read_unit(1, 2)
+    assert store.most == len(schema.ROW_FIELDS)  # every array's read in flight at once
+    want = open_cache(tiny_cache).read_unit(1, 2)
+    assert all(np.array_equal(got[name], want[name]) for name in want)
+
+
+def test_damage_read_through_zarr_is_named(tmp_path, train_dir):
+    out = str(tmp_path / "sharded.zarr")
+    precompute(cache_config(train_dir, out, chunk_rows=4, epochs=1))
+    flip_byte(chunk_file(out, "topk_index", 0, 1))
+    with pytest.raises(CacheDamagedError, match="'topk_index', epoch 0 unit 1"):
+        open_cache(out).read_unit(0, 1)

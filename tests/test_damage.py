@@ -12,6 +12,7 @@ from conftest import (
     cache_config,  # noqa: I001 (kept next to the other conftest import)
     chunk_file,
     copy_tree,
+    flip_byte,
     run_cli,
     write_split,
 )
@@ -24,14 +25,6 @@ from kdcache.store import open_cache
 from kdcache.train import TrainConfig, fit
 
 pytestmark = pytest.mark.faults
-
-
-def flip_byte(path: str) -> None:
-    with open(path, "r+b") as f:
-        data = bytearray(f.read())
-        data[len(data) // 2] ^= 0xFF
-        f.seek(0)
-        f.write(data)
 
 
 def arrays(path: str) -> dict[str, np.ndarray]:
