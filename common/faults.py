@@ -7,7 +7,8 @@ Unset (always, outside tests) it costs one dictionary lookup. Points:
 
 - ``create``: a new cache's arrays exist, its attributes not yet;
 - ``batch``: the teacher finished a batch;
-- ``write``: a unit's row array was written (the N-th array write of the job);
+- ``write``: a unit's row array was written (the N-th array write of the job; a unit's arrays
+  are written concurrently, so the others may be written, half written or not yet);
 - ``commit``: all of a unit's arrays were written, its done mark not yet;
 - ``committed``: a unit's done mark was written;
 - ``extend``: a row array was resized while extending a cache.

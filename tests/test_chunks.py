@@ -1,4 +1,5 @@
-"""The direct chunk reader (kdcache.chunks) reads exactly what zarr reads, and knows its limits."""
+"""A unit's files: the direct chunk reader (kdcache.chunks) reads exactly what zarr reads and
+knows its limits; what goes through zarr goes in one concurrent round trip."""
 
 from __future__ import annotations
 
@@ -85,12 +86,19 @@ class InFlight(WrapperStore):
         super().__init__(store)
         self.now = self.most = 0
 
-    async def get(self, *args, **kwargs):
+    async def _wait(self) -> None:
         self.now += 1
         self.most = max(self.most, self.now)
         await asyncio.sleep(0.01)
         self.now -= 1
+
+    async def get(self, *args, **kwargs):
+        await self._wait()
         return await self._store.get(*args, **kwargs)
+
+    async def set(self, *args, **kwargs):
+        await self._wait()
+        return await self._store.set(*args, **kwargs)
 
 
 def test_reads_through_zarr_are_one_concurrent_round_trip(tiny_cache):
@@ -113,3 +121,21 @@ def test_damage_read_through_zarr_is_named(tmp_path, train_dir):
     flip_byte(chunk_file(out, "topk_index", 0, 1))
     with pytest.raises(CacheDamagedError, match="'topk_index', epoch 0 unit 1"):
         open_cache(out).read_unit(0, 1)
+
+
+def test_a_unit_is_written_in_one_concurrent_round_trip(tmp_path, tiny_cache):
+    path = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    rows = open_cache(path).read_unit(1, 0)
+    cache = open_cache(path, mode="a")
+    store = InFlight(LocalStore(path))
+    cache._group = zarr.open_group(store, mode="r+")
+    for f in schema.ROW_FIELDS:
+        cache.array(f.name)
+    cache.array(schema.DONE_ARRAY)
+    store.most = 0
+    cache.uncommit(1, 0)
+    cache.write_unit(1, 0, rows)
+    assert store.most == len(schema.ROW_FIELDS)  # every array's file in flight at once
+    again = open_cache(path)
+    assert again.done_mask()[1, 0]
+    assert all(np.array_equal(again.read_unit(1, 0)[k], v) for k, v in rows.items())
