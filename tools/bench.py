@@ -1,6 +1,6 @@
 """kdcache's speed and size benchmark: ratios measured side by side in one run.
 
-    python tools/bench.py [--device cpu|cuda] [--json]          # ~7 min on 2 CPU cores
+    python tools/bench.py [--device cpu|cuda] [--json]          # ~12 min on 2 CPU cores
 
 It writes synthetic ImageNet-like JPEG shards (about 400x350 px, 1000 classes), then runs each
 stage in its own process (so its peak host memory is its own), the timed ones in interleaved
