@@ -59,7 +59,7 @@ class ChunkFile:
         except FileNotFoundError:
             return np.full(self.shape, self.fill, dtype=self.dtype)
         body, stored = np.frombuffer(data, np.uint8)[:-4], data[-4:]  # views, no copies
-        if len(data) < 4 or np.uint32(google_crc32c.value(body)).tobytes() != stored:
+        if len(data) < 4 or google_crc32c.value(body).to_bytes(4, "little") != stored:
             raise ValueError(f"chunk {path}: stored and computed crc32c do not match")
         out = np.empty(self.shape, dtype=self.dtype)
         nbytes = int.from_bytes(data[4:8], "little")  # blosc's header: the decompressed size
