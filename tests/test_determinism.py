@@ -16,7 +16,7 @@ from kdcache.data.index import load_index
 from kdcache.runtime import loader_kwargs
 from kdcache.store import open_cache
 from kdcache.train.plan import epoch_order, rank_batches
-from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, pack, unpack
 
 ARRAYS = (
     [f.name for f in schema.ROW_FIELDS]
@@ -140,3 +140,44 @@ def test_compiled_teacher_writes_the_same_views_and_answers(tmp_path, train_dir,
             assert (x[..., 0] == y[..., 0]).mean() >= 0.9
         else:
             assert np.array_equal(x, y), name
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_packed_batches_unpack_to_the_same_batch(cached, tiny_cache, train_dir):
+    cache = open_cache(tiny_cache)
+    index = load_index(train_dir)
+    batches = rank_batches(epoch_order(index.counts, seed=0, epoch=0), 8)
+    plain = TrainBatches(
+        StreamSpec(
+            index,
+            batches,
+            0,
+            TEACHER_SIZE,
+            cache.spec,
+            cache.plan_seed,
+            cache=cache if cached else None,
+            need_labels=not cached,
+        )
+    )
+    loader = DataLoader(PackedBatches(plain), batch_size=None, num_workers=2)
+    for b, packed in enumerate(loader):
+        got, want = unpack(packed), plain[b]
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if torch.is_tensor(value):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            else:
+                assert got[key] == value, key
+
+
+def test_a_batch_without_rows_packs_too():
+    empty = {
+        "rows": torch.zeros(0, dtype=torch.int64),
+        "pixels": torch.zeros(0, 3, 4, 4),
+        "lam": torch.zeros(0),
+        "topk_index": torch.zeros(0, 10, dtype=torch.int16),
+        "skipped": 8,
+    }
+    got = unpack(pack(dict(empty)))
+    assert got.keys() == empty.keys() and got["skipped"] == 8
+    assert got["topk_index"].shape == (0, 10) and got["topk_index"].dtype == torch.int16

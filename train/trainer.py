@@ -33,7 +33,7 @@ from kdcache.store import Cache, open_cache
 from kdcache.train.config import DEFAULT_VIEWS, TrainConfig
 from kdcache.train.evaluate import evaluate
 from kdcache.train.plan import epoch_order, rank_batches
-from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, unpack
 from kdcache.views import INDEPENDENT_STREAM, ViewSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def _train_epoch(
         teacher_stream=INDEPENDENT_STREAM if mode == "independent" else None,
     )
     loader = DataLoader(
-        TrainBatches(stream),
+        PackedBatches(TrainBatches(stream)),
         batch_size=None,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(epoch),  # leaves the global RNG alone
@@ -386,7 +386,8 @@ def _train_epoch(
     total_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     images = skipped = 0
     started = time.perf_counter()
-    for step, item in enumerate(loader, start=pos.step):
+    for step, packed in enumerate(loader, start=pos.step):
+        item = unpack(packed)
         skipped += item["skipped"]
         if len(item["rows"]) == 0 and not place.enabled:
             continue
