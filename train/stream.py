@@ -173,31 +173,27 @@ _ALIGN = 8  # every field starts at a multiple of 8 bytes, so its view has an al
 
 def pack(item: dict) -> dict:
     """Every tensor of ``item`` whose name has no ``pixels`` -> one uint8 tensor ``packed`` and
-    its ``layout`` [(name, dtype name, shape, start byte, bytes)]."""
-    small = [k for k, v in item.items() if torch.is_tensor(v) and "pixels" not in k]
-    parts, layout, offset = [], [], 0
-    for name in small:
-        raw = item[name].contiguous().reshape(-1).view(torch.uint8)
-        pad = -len(raw) % _ALIGN
-        parts.append(torch.cat([raw, raw.new_zeros(pad)]) if pad else raw)
-        layout.append(
-            (
-                name,
-                str(item[name].dtype).removeprefix("torch."),
-                tuple(item[name].shape),
-                offset,
-                len(raw),
-            )
-        )
-        offset += len(raw) + pad
-    out = {k: v for k, v in item.items() if k not in small}
-    out["packed"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-    out["layout"] = layout
+    its ``layout`` [(name, dtype name, shape, start byte, bytes)]; one copy of each field."""
+    raw = {
+        k: v.contiguous().reshape(-1).view(torch.uint8)
+        for k, v in item.items()
+        if torch.is_tensor(v) and "pixels" not in k
+    }
+    layout, offset = [], 0
+    for name, data in raw.items():
+        dtype = str(item[name].dtype).removeprefix("torch.")
+        layout.append((name, dtype, tuple(item[name].shape), offset, len(data)))
+        offset += len(data) + (-len(data) % _ALIGN)
+    packed = torch.zeros(offset, dtype=torch.uint8)
+    for (_, _, _, start, size), data in zip(layout, raw.values(), strict=True):
+        packed[start : start + size] = data
+    out = {k: v for k, v in item.items() if k not in raw}
+    out["packed"], out["layout"] = packed, layout
     return out
 
 
 def unpack(item: dict) -> dict:
-    """The batch :func:`pack` packed: each field a view of ``packed``, no copy."""
+    """The batch :func:`pack` packed (``item`` is consumed): each field a view of ``packed``."""
     packed, layout = item.pop("packed"), item.pop("layout")
     for name, dtype, shape, start, size in layout:
         item[name] = packed[start : start + size].view(getattr(torch, dtype)).reshape(shape)
