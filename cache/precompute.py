@@ -24,8 +24,8 @@ from kdcache.cache.writer import UnitWriter
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, weights_hash
-from kdcache.render import RENDERER, render_views
+from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
+from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
 from kdcache.runtime import (
     HostCopy,
     library_versions,
@@ -54,40 +54,59 @@ class PrecomputeConfig:
     topk: int | None = None  # default min(10, classes)
     views: str = "function_matching"
     plan_seed: int = 0
-    teacher_image_size: int = 224
+    teacher_image_size: int | str = 224  # or "auto": the data's median short side
     batch_size: int = 256
     workers: int = 2
     device: str = "auto"
     compile: bool = False
-    num_classes: int | None = None  # default: from the data's labels
+    num_classes: int | None = None  # default: the teacher's own head (built-ins: label count)
+    teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's convention
+    teacher_std: tuple[float, float, float] | None = None
     chunk_rows: int | None = None
     limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
-    strict: bool = False  # bad input rows are errors instead of marked and counted
+    strict: bool = False  # unusable images are errors instead of marked and counted
     limit_units: int | None = None  # only the first N units
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
+
+    def validate(self) -> None:
+        """Check every number before any work starts; report every problem at once."""
+        problems = [
+            f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+            for name, value, low in (
+                ("epochs", self.epochs, 1),
+                ("topk", self.topk, 1),
+                ("batch_size", self.batch_size, 1),
+                ("workers", self.workers, 0),
+                ("num_classes", self.num_classes, 2),
+                ("plan_seed", self.plan_seed, 0),
+                ("limit", self.limit, 1),
+            )
+            if value is not None and value < low
+        ]
+        if problems:
+            raise KdcacheError("; ".join(problems))
 
 
 def cache_identity(
     index: DatasetIndex,
-    teacher_spec: str,
-    teacher_hash: str,
+    teacher: Model,
     spec: ViewSpec,
     plan_seed: int,
     k: int,
-    num_classes: int,
     image_size: int,
 ) -> dict:
     """The attributes that say what a cache is (see :data:`kdcache.schema.IDENTITY_KEYS`)."""
     return {
         "data_fingerprint": index.fingerprint,
-        "teacher_weights_hash": teacher_hash,
-        "teacher": teacher_spec,
+        "teacher_weights_hash": weights_hash(teacher.module),
+        "teacher": teacher.spec,
         "views": spec.to_dict(),
         "plan_seed": plan_seed,
         "topk": k,
-        "num_classes": num_classes,
+        "num_classes": teacher.num_classes,
         "teacher_image_size": image_size,
         "renderer": RENDERER,
+        "teacher_input": teacher.convention.identity(),
     }
 
 
@@ -101,10 +120,13 @@ class _WorkBatches(Dataset):
         plan_seed: int,
         size: int,
         batches: list[tuple[int, int, int, int]],
-        num_classes: int,
+        convention: InputConvention,
+        labels_rule: int | None,
     ):
+        """labels_rule: None, or the class count of a schema-1 cache being extended, whose rule
+        also marks rows without a label, or with one outside the classes, bad."""
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
-        self.batches, self.num_classes = batches, num_classes
+        self.batches, self.convention, self.labels_rule = batches, convention, labels_rule
         self._reader: UnitReader | None = None
 
     def __len__(self) -> int:
@@ -121,19 +143,26 @@ class _WorkBatches(Dataset):
         )
         rows = np.arange(u.start + lo, u.start + hi)
         images, failed = self._reader.decode(needed_images(rows, views.partner))
-        bad = np.array(
-            [r in failed or p in failed for r, p in zip(rows, views.partner, strict=True)],
-            dtype=bool,
-        ) | (views.box[:, 2] == 0)
-        label = self.index.label[rows]  # no label, or one the teacher cannot output
-        bad |= (label < 0) | (label >= self.num_classes)
-        good = ~bad
+        status = np.array(
+            [
+                failed.get(int(r), schema.PARTNER_UNUSABLE if p in failed else schema.OK)
+                for r, p in zip(rows, views.partner, strict=True)
+            ],
+            dtype=np.uint8,
+        )
+        # An image whose size could not be read has an empty box; it did not decode either.
+        status[(views.box[:, 2] == 0) & (status == schema.OK)] = schema.UNDECODABLE
+        if self.labels_rule is not None:  # a schema-1 cache: its one status, its label rule
+            label = self.index.label[rows]
+            bad = (status != schema.OK) | (label < 0) | (label >= self.labels_rule)
+            status = np.where(bad, schema.BAD_INPUT, schema.OK).astype(np.uint8)
+        good = status == schema.OK
         pixels = torch.zeros(len(rows), 3, self.size, self.size)
         if good.any():
             pixels[torch.from_numpy(good)] = render_views(
-                views.take(good), rows[good], images, self.size
+                views.take(good), rows[good], images, self.size, self.convention
             )
-        return {"batch": b, "views": views, "bad": bad, "pixels": pixels}
+        return {"batch": b, "views": views, "status": status, "pixels": pixels}
 
 
 def _plan_work(
@@ -168,9 +197,13 @@ def _stored_index(path: str) -> DatasetIndex | None:
         return None
 
 
-def _open_or_create(cfg: PrecomputeConfig, index: DatasetIndex, identity: dict) -> Cache:
+def _open_or_create(
+    cfg: PrecomputeConfig, index: DatasetIndex, identity: dict, teacher: Model
+) -> Cache:
     meta_extra = {
         "teacher_weights": cfg.teacher_weights,
+        "teacher_random_init": not cfg.teacher_weights,
+        "teacher_interpolation": teacher.convention.interpolation,
         "versions": library_versions(),
         "command": cfg.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -188,51 +221,66 @@ def _open_or_create(cfg: PrecomputeConfig, index: DatasetIndex, identity: dict) 
     return cache
 
 
-def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = None) -> dict:
+Progress = Callable[..., None]  # progress(n, total=None): n views done; total once, at the start
+
+
+def precompute(cfg: PrecomputeConfig, progress: Progress | None = None) -> dict:
     """Run (or resume, or extend) a precompute job. Returns a summary dict.
 
-    progress: called with the number of images just finished (the CLI's progress bar).
+    progress: called once with ``(0, total=views to do)``, then with the number of views just
+        finished (the CLI's progress bar).
     """
-    if cfg.epochs < 1:
-        raise KdcacheError(f"--epochs must be at least 1, got {cfg.epochs}")
+    cfg.validate()
+    spec = get_spec(cfg.views)
     place, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
-    spec = get_spec(cfg.views)
     index = load_index(cfg.data, known=lambda: _stored_index(cfg.out))
-    num_classes = cfg.num_classes or index.num_classes
-    if num_classes < 2:
-        raise KdcacheError(
-            f"{cfg.data} has {num_classes} classes in its labels; "
-            "set --num-classes to the teacher's output size"
-        )
-    k = cfg.topk or min(10, num_classes)
-    if not 1 <= k <= num_classes:
-        raise KdcacheError(f"--topk {k} must be between 1 and the {num_classes} classes")
-    teacher = create_model(cfg.teacher, num_classes, cfg.teacher_weights)
-    identity = cache_identity(
-        index,
+    size = resolve_image_size(cfg.teacher_image_size, index.short_sides, "--teacher-image-size")
+    teacher = load_model(
         cfg.teacher,
-        weights_hash(teacher),
-        spec,
-        cfg.plan_seed,
-        k,
-        num_classes,
-        cfg.teacher_image_size,
+        image_size=size,
+        num_classes=cfg.num_classes,
+        default_classes=index.num_classes,
+        weights=cfg.teacher_weights,
+        mean=cfg.teacher_mean,
+        std=cfg.teacher_std,
     )
+    warn_random_teacher(cfg.teacher, cfg.teacher_weights)
+    num_classes = teacher.num_classes
+    k = cfg.topk or min(10, num_classes)
+    if k > num_classes:
+        raise KdcacheError(f"--topk {k} is more than the teacher's {num_classes} classes")
+    log.info(
+        "teacher %s: %d classes, input %s, %d px",
+        cfg.teacher,
+        num_classes,
+        teacher.convention.describe(),
+        size,
+    )
+    identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size)
     # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
     # once it is there, and every rank checks it is the cache this job means.
-    cache = _open_or_create(cfg, index, identity) if place.main else None
+    cache = _open_or_create(cfg, index, identity, teacher) if place.main else None
     place.barrier()
     if cache is None:
         cache = open_cache(cfg.out, mode="a")
         cache.check_identity(identity, what="this precompute job")
-    teacher = prepare_model(teacher, device, eval_mode=True, compile=cfg.compile)
+    if schema.labels_rule(cache.schema_version):
+        log.info(
+            "%s is a schema-%d cache: extending it keeps its rule (rows without a label, or "
+            "with one outside the teacher's classes, are marked bad)",
+            cfg.out,
+            cache.schema_version,
+        )
+    module = prepare_model(teacher.module, device, eval_mode=True, compile=cfg.compile)
     limit_units = cfg.limit_units
     if cfg.limit is not None:
         holding = sum(1 for u in index.units if u.start < cfg.limit)
         limit_units = holding if limit_units is None else min(limit_units, holding)
     batches = _plan_work(cache, cfg.epochs, cfg.batch_size, limit_units, place)
     total = sum(hi - lo for _, _, lo, hi in batches)
+    if progress:
+        progress(0, total=total)
     log.info(
         "precompute: %d images to do in %d batches (%d epochs, %d units)",
         total,
@@ -241,16 +289,23 @@ def precompute(cfg: PrecomputeConfig, progress: Callable[[int], None] | None = N
         len(cache.units),
     )
     started = time.perf_counter()
-    stats = _run(cache, teacher, device, index, spec, cfg, batches, k, progress)
+    stats = _run(
+        cache, module, device, index, spec, cfg, batches, k, size, teacher.convention, progress
+    )
     seconds = time.perf_counter() - started
     # Every rank's units are committed before anyone reports; the counts are the job's.
-    total, bad, units = (int(v) for v in place.sum([total, stats["bad"], stats["units"]], device))
+    reasons = schema.BAD_STATUSES
+    counts = place.sum([total, stats["units"], *(stats["bad"].get(r, 0) for r in reasons)], device)
+    total, units, by_reason = int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]]
     return {
         "cache": cfg.out,
         "images": total,
         "seconds": round(seconds, 3),
         "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
-        "bad_rows": bad,
+        "bad_rows": sum(by_reason),
+        "bad_rows_by_reason": {
+            schema.STATUS_NAMES[r]: c for r, c in zip(reasons, by_reason, strict=True) if c
+        },
         "units_written": units,
         "world_size": place.world,
         "epochs_complete": len(cache.complete_epochs()),
@@ -267,11 +322,12 @@ def _run(
     cfg: PrecomputeConfig,
     batches: list,
     k: int,
-    progress: Callable[[int], None] | None,
+    size: int,
+    convention: InputConvention,
+    progress: Progress | None,
 ) -> dict:
-    dataset = _WorkBatches(
-        index, spec, cfg.plan_seed, cfg.teacher_image_size, batches, cache.num_classes
-    )
+    labels_rule = cache.num_classes if schema.labels_rule(cache.schema_version) else None
+    dataset = _WorkBatches(index, spec, cfg.plan_seed, size, batches, convention, labels_rule)
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -280,22 +336,28 @@ def _run(
         **loader_kwargs(cfg.workers),
     )
     pending: dict[tuple[int, int], list] = {}
-    stats = {"bad": 0, "units": 0}
+    stats: dict = {"bad": {}, "units": 0}
 
     def finish(item: dict, host: HostCopy) -> None:
         epoch, unit, lo, hi = batches[item["batch"]]
-        if cfg.strict and item["bad"].any():
-            first = index.units[unit].start + lo + int(np.flatnonzero(item["bad"])[0])
+        bad = item["status"] != schema.OK
+        if cfg.strict and bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            first = index.units[unit].start + lo + at
             raise KdcacheError(
-                f"--strict: {int(item['bad'].sum())} bad input rows in shard "
-                f"{index.units[unit].name} (first: sample {first}, label "
-                f"{int(index.label[first])}; unreadable image, no label or a label outside the "
-                f"{cache.num_classes} classes); fix the data or drop --strict to skip them"
+                f"--strict: {int(bad.sum())} unusable rows in shard {index.units[unit].name} "
+                f"(first: sample {first}, position {lo + at}: "
+                f"{schema.STATUS_NAMES[int(item['status'][at])]}); fix the data or drop --strict "
+                "to mark them bad and skip them"
             )
         parts = pending.setdefault((epoch, unit), [])
-        parts.append((lo, item["views"], item["bad"], host.numpy()))
+        parts.append((lo, item["views"], item["status"], host.numpy()))
         if hi == int(cache.units[unit]["count"]):
-            stats["bad"] += writer.submit(epoch, unit, _assemble(pending.pop((epoch, unit))))
+            rows = _assemble(pending.pop((epoch, unit)))
+            writer.submit(epoch, unit, rows)
+            for reason, count in zip(*np.unique(rows["status"], return_counts=True), strict=True):
+                if reason != schema.OK:
+                    stats["bad"][int(reason)] = stats["bad"].get(int(reason), 0) + int(count)
             stats["units"] += 1
         if progress:
             progress(hi - lo)
@@ -320,14 +382,14 @@ def _assemble(parts: list) -> dict[str, np.ndarray]:
     """Concatenate a work unit's batches into its row fields."""
     parts.sort(key=lambda p: p[0])
     out: dict[str, list] = {f.name: [] for f in schema.ROW_FIELDS}
-    for _, views, bad, rows in parts:
+    for _, views, status, rows in parts:
         for name in schema.VIEW_FIELDS:
             out[name].append(getattr(views, name))
         for name, values in rows.items():
             out[name].append(values)
-        out["status"].append(np.where(bad, schema.BAD_INPUT, schema.OK).astype(np.uint8))
+        out["status"].append(status)
     fields = {name: np.concatenate(chunks) for name, chunks in out.items()}
-    bad = fields["status"] == schema.BAD_INPUT
+    bad = fields["status"] != schema.OK
     for name in ("topk_logits", "topk_index", "lse"):  # the teacher saw a blank image there
         fields[name][bad] = 0
     return fields

@@ -12,37 +12,99 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from kdcache import schema
 from kdcache.data.index import load_index
 from kdcache.errors import CacheDamagedError, KdcacheError
-from kdcache.models import create_model, weights_hash
+from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import RENDERER, render_views
 from kdcache.replay import cached_unit_views
-from kdcache.runtime import prepare_model, resolve_device, teacher_logits
+from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import open_cache
 from kdcache.units import UnitReader, needed_images
 
 log = logging.getLogger(__name__)
 
 
-def _pick(
-    done: np.ndarray, counts: list[int], samples: int, seed: int
-) -> dict[tuple[int, int], np.ndarray]:
-    """``samples`` random (epoch, unit, position) among done work units, grouped by unit."""
-    cells = np.argwhere(done)
+def _usable(cache) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Done work units and their usable rows -> (cells (M, 2) epoch/unit, usable rows per
+    cell (M,), status counts by name). Reads the status of every done unit once."""
+    cells = np.argwhere(cache.done_mask())
     if len(cells) == 0:
         raise KdcacheError("the cache has no finished unit to verify; run `kdcache precompute`")
-    sizes = np.array([counts[u] for _, u in cells], dtype=np.int64)
+    usable = np.zeros(len(cells), dtype=np.int64)
+    counts: dict[str, int] = {}
+    for n, (epoch, unit) in enumerate(cells):
+        status = cache.read_unit(int(epoch), int(unit), ("status",))["status"]
+        values, k = np.unique(status, return_counts=True)
+        for v, c in zip(values, k, strict=True):
+            name = schema.STATUS_NAMES.get(int(v), str(v))
+            counts[name] = counts.get(name, 0) + int(c)
+        usable[n] = int((status == schema.OK).sum())
+    return cells, usable, counts
+
+
+def _pick(
+    cells: np.ndarray, usable: np.ndarray, samples: int, seed: int
+) -> list[tuple[int, int, int]]:
+    """``samples`` random usable rows among done units -> [(epoch, unit, k)]: the k-th usable
+    row of the unit."""
+    total = int(usable.sum())
     rng = np.random.default_rng([0x7E21F1, seed])
-    flat = rng.choice(int(sizes.sum()), size=min(samples, int(sizes.sum())), replace=False)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.sort(rng.choice(total, size=min(samples, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(usable)[:-1]])
     which = np.searchsorted(starts, flat, side="right") - 1
-    picked: dict[tuple[int, int], list[int]] = {}
-    for w, f in zip(which, flat, strict=True):
-        epoch, unit = (int(v) for v in cells[w])
-        picked.setdefault((epoch, unit), []).append(int(f - starts[w]))
-    return {key: np.sort(np.array(pos)) for key, pos in sorted(picked.items())}
+    return [
+        (int(cells[w][0]), int(cells[w][1]), int(f - starts[w]))
+        for w, f in zip(which, flat, strict=True)
+    ]
+
+
+def _batches(picked: list[tuple[int, int, int]], batch_size: int) -> list:
+    """Picked rows grouped by (epoch, unit), in batches of at most ``batch_size``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for epoch, unit, k in picked:
+        groups.setdefault((epoch, unit), []).append(k)
+    return [
+        (epoch, unit, np.array(ks[lo : lo + batch_size]))
+        for (epoch, unit), ks in sorted(groups.items())
+        for lo in range(0, len(ks), batch_size)
+    ]
+
+
+class _Views(Dataset):
+    """Item ``i``: a batch of picked rows of one unit, rendered as the teacher saw them, with
+    their cached top-k (the trainer's own replay path, :mod:`kdcache.replay`)."""
+
+    def __init__(self, cache, index, batches: list[tuple[int, int, np.ndarray]]):
+        self.cache, self.index, self.batches = cache, index, batches
+        self.size = int(cache.meta["teacher_image_size"])
+        self._reader: UnitReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._reader is None:
+            self._reader = UnitReader(self.index, capacity=2)
+        epoch, unit, ks = self.batches[i]
+        views, ok, targets = cached_unit_views(self.cache, self.index, unit, epoch)
+        positions = np.flatnonzero(ok)[ks]
+        rows = self.index.units[unit].start + positions
+        views = views.take(positions)
+        images, failed = self._reader.decode(needed_images(rows, views.partner))
+        if failed:
+            raise KdcacheError(
+                f"shard {self.index.units[unit].name}: {len(failed)} images that the cache "
+                "rendered no longer decode; the data changed since the cache was made"
+            )
+        pixels = render_views(views, rows, images, self.size, self.cache.teacher_input)
+        return {
+            "pixels": pixels,
+            "topk_index": torch.from_numpy(targets["topk_index"][positions].astype(np.int64)),
+            "topk_logits": torch.from_numpy(targets["topk_logits"][positions].astype(np.float32)),
+        }
 
 
 def verify(
@@ -54,32 +116,78 @@ def verify(
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 128,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[..., None] | None = None,
     repair: bool = False,
+    workers: int = 0,
+    teacher_mean: tuple[float, float, float] | None = None,
+    teacher_std: tuple[float, float, float] | None = None,
 ) -> dict:
-    """Check every checksum, then re-run the teacher on ``samples`` random cached views.
+    """Check every checksum, then re-run the teacher on ``samples`` random usable cached views.
 
-    -> {"checked", "top1_agreement", "topk_set_agreement", "max_abs_logit_error", ...}.
-    Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
+    -> {"checked", "requested", "top1_agreement", "topk_set_agreement", "max_abs_logit_error",
+    ...}. Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
     ``repair`` the damaged units are recomputed (and only those) before the views are checked.
+    progress: called once with ``(0, total=views to check)``, then with views checked.
     """
+    for name, value, low in (("samples", samples, 1), ("batch-size", batch_size, 1)):
+        if value < low:
+            raise KdcacheError(f"--{name} must be at least {low}, got {value}")
     cache = open_cache(cache_path, mode="a" if repair else "r")
     index = load_index(data, known=cache.dataset_index)
     cache.check_identity(
         {"data_fingerprint": index.fingerprint, "renderer": RENDERER}, what=f"data {data}"
     )
-    teacher = create_model(teacher_spec, cache.num_classes, teacher_weights)
+    teacher = load_model(
+        teacher_spec,
+        image_size=int(cache.meta["teacher_image_size"]),
+        num_classes=cache.num_classes,
+        weights=teacher_weights,
+        mean=teacher_mean,
+        std=teacher_std,
+        asked_by=f"the cache {cache_path}",
+    )
+    warn_random_teacher(teacher_spec, teacher_weights)
     cache.check_identity(
-        {"teacher": teacher_spec, "teacher_weights_hash": weights_hash(teacher)}, what="--teacher"
+        {
+            "teacher": teacher_spec,
+            "teacher_weights_hash": weights_hash(teacher.module),
+            "teacher_input": teacher.convention.identity(),
+        },
+        what="--teacher",
     )
     damage = cache.scan()
     repaired = 0
     if damage and not repair:
         raise CacheDamagedError(_describe(cache_path, damage))
     if damage:
-        repaired = _repair(cache, index, damage, teacher_spec, teacher_weights, data, device)
-    result = _compare(cache, index, teacher, samples, seed, device, batch_size, progress)
-    return {**result, "damaged_units_repaired": repaired, "status_counts": _status_counts(cache)}
+        repaired = _repair(cache, index, damage, teacher, data, device)
+    cells, usable, counts = _usable(cache)
+    if not usable.sum():
+        raise KdcacheError("the cache's finished units hold no usable row to verify (all bad?)")
+    if usable.sum() < samples:
+        log.warning(
+            "verifying all %d usable views of the cache's finished units (--samples %d asked "
+            "for more)",
+            int(usable.sum()),
+            samples,
+        )
+    picked = _pick(cells, usable, samples, seed)
+    if progress:
+        progress(0, total=len(picked))
+    result = _compare(
+        cache,
+        teacher.module,
+        _Views(cache, index, _batches(picked, batch_size)),
+        device,
+        workers,
+        progress,
+    )
+    return {
+        **result,
+        "requested": samples,
+        "damaged_units_repaired": repaired,
+        "status_counts": counts,
+    }
 
 
 def _describe(path: str, damage: list[dict]) -> str:
@@ -100,8 +208,7 @@ def _repair(
     cache,
     index,
     damage: list[dict],
-    teacher_spec: str,
-    teacher_weights: str | None,
+    teacher: Model,
     data: str,
     device: str,
 ) -> int:
@@ -126,8 +233,10 @@ def _repair(
     precompute(
         PrecomputeConfig(
             data=data,
-            teacher=teacher_spec,
-            teacher_weights=teacher_weights,
+            teacher=teacher.spec,
+            teacher_weights=teacher.weights,
+            teacher_mean=teacher.convention.mean,
+            teacher_std=teacher.convention.std,
             out=cache.path,
             epochs=cache.epochs,
             topk=cache.topk,
@@ -148,58 +257,32 @@ def _repair(
 
 def _compare(
     cache,
-    index,
-    teacher,
-    samples: int,
-    seed: int,
+    teacher: torch.nn.Module,
+    views: _Views,
     device: str,
-    batch_size: int,
-    progress: Callable[[int], None] | None,
+    workers: int,
+    progress: Callable[..., None] | None,
 ) -> dict:
     dev = resolve_device(device)
     teacher = prepare_model(teacher, dev, eval_mode=True)
-    size, k = int(cache.meta["teacher_image_size"]), cache.topk
-    reader = UnitReader(index, capacity=2)
+    k = cache.topk
+    loader = DataLoader(views, batch_size=None, **loader_kwargs(workers))
     top1 = setk = checked = 0
     max_err = 0.0
-    for (epoch, unit), positions in _pick(cache.done_mask(), index.counts, samples, seed).items():
-        views, ok, targets = cached_unit_views(cache, index, unit, epoch)
-        positions = positions[ok[positions]]  # bad-input rows have no teacher output to check
-        rows = index.units[unit].start + positions
-        views = views.take(positions)
-        images, _ = reader.decode(needed_images(rows, views.partner))
-        for lo in range(0, len(rows), batch_size):
-            sel = slice(lo, lo + batch_size)
-            pixels = render_views(views.take(sel), rows[sel], images, size)
-            logits = teacher_logits(teacher, pixels, dev).cpu()
-            cached_idx = torch.from_numpy(targets["topk_index"][positions[sel]].astype(np.int64))
-            cached_top = torch.from_numpy(targets["topk_logits"][positions[sel]].astype(np.float32))
-            live_idx = logits.topk(k, dim=1).indices
-            top1 += int((live_idx[:, 0] == cached_idx[:, 0]).sum())
-            setk += int((live_idx.sort(1).values == cached_idx.sort(1).values).all(1).sum())
-            err = (logits.gather(1, cached_idx) - cached_top).abs()
-            max_err = max(max_err, float(err.max()) if err.numel() else 0.0)
-            checked += len(live_idx)
-            if progress:
-                progress(len(live_idx))
-    if checked == 0:
-        raise KdcacheError("no usable row among the sampled ones (all bad input?)")
+    for item in loader:
+        logits = teacher_logits(teacher, item["pixels"], dev).cpu()
+        cached_idx, cached_top = item["topk_index"], item["topk_logits"]
+        live_idx = logits.topk(k, dim=1).indices
+        top1 += int((live_idx[:, 0] == cached_idx[:, 0]).sum())
+        setk += int((live_idx.sort(1).values == cached_idx.sort(1).values).all(1).sum())
+        err = (logits.gather(1, cached_idx) - cached_top).abs()
+        max_err = max(max_err, float(err.max()) if err.numel() else 0.0)
+        checked += len(live_idx)
+        if progress:
+            progress(len(live_idx))
     return {
         "checked": checked,
         "top1_agreement": top1 / checked,
         "topk_set_agreement": setk / checked,
         "max_abs_logit_error": max_err,
     }
-
-
-def _status_counts(cache) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    status = cache.array("status")
-    for epoch in cache.complete_epochs():
-        values, n = np.unique(status[epoch], return_counts=True)
-        for v, c in zip(values, n, strict=True):
-            if v == schema.PADDING:
-                continue
-            name = schema.STATUS_NAMES.get(int(v), str(v))
-            counts[name] = counts.get(name, 0) + int(c)
-    return counts

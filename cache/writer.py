@@ -9,7 +9,6 @@ from types import TracebackType
 
 import numpy as np
 
-from kdcache import schema
 from kdcache.store import Cache
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,10 @@ class UnitWriter:
         self._thread.start()
         return self
 
-    def submit(self, epoch: int, unit: int, rows: dict[str, np.ndarray]) -> int:
-        """Queue one work unit; returns its number of bad-input rows."""
+    def submit(self, epoch: int, unit: int, rows: dict[str, np.ndarray]) -> None:
+        """Queue one work unit (every row field, (count, ...))."""
         self._raise_if_failed()
         self._queue.put((epoch, unit, rows))
-        return int((rows["status"] == schema.BAD_INPUT).sum())
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -24,6 +24,7 @@ from kdcache.version import __version__
 log = logging.getLogger("kdcache")
 # Under torchrun only rank 0 draws progress bars and prints results; the others log warnings.
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+_QUIET: list[bool] = []  # set by -q: no progress bars either
 
 
 # -- output helpers ------------------------------------------------------------------------
@@ -31,7 +32,8 @@ MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 
 @contextmanager
 def _bar(total: int | None, desc: str, unit: str = "img"):
-    """A tqdm bar on stderr; yields ``update(n)``. Library logs are routed around it."""
+    """A tqdm bar on stderr; yields ``update(n, total=None)`` (a total, once known, gives the
+    bar its length and ETA). Library logs are routed around it; ``-q`` hides it."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -44,10 +46,17 @@ def _bar(total: int | None, desc: str, unit: str = "img"):
             dynamic_ncols=True,
             smoothing=0.1,
             file=sys.stderr,
-            disable=not MAIN_PROCESS,
+            disable=not MAIN_PROCESS or bool(_QUIET),
         ) as bar,
     ):
-        yield bar.update
+
+        def update(n: int, total: int | None = None) -> None:
+            if total is not None and total != bar.total:
+                bar.reset(total=total)
+            if n:
+                bar.update(n)
+
+        yield update
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: Callable[[], None]) -> None:
@@ -74,7 +83,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
     limit = 200 if args.smoke else args.limit
     with _bar(limit, f"shards {args.split}") as update:
         paths = write_shards(
-            args.source, args.out, args.split, args.shard_size, args.seed, limit, progress=update
+            args.source,
+            args.out,
+            args.split,
+            args.shard_size,
+            args.seed,
+            limit,
+            progress=update,
+            overwrite=args.overwrite,
         )
     _emit(args, {"shards": paths}, lambda: print(f"wrote {len(paths)} shards to {args.out}"))
     return 0
@@ -116,19 +132,22 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         compile=args.compile,
         num_classes=args.num_classes,
         strict=args.strict,
+        teacher_mean=args.teacher_mean,
+        teacher_std=args.teacher_std,
     )
     if args.smoke:
         # The units of the first 256 samples, one epoch: what `train --smoke` reads.
         cfg.epochs, cfg.limit, cfg.batch_size = 1, 256, min(cfg.batch_size, 64)
-    with _bar(None, "precompute") as update:
+    with _bar(None, "precompute", unit="view") as update:
         result = precompute(cfg, progress=update)
+    reasons = ", ".join(f"{n} {why}" for why, n in result["bad_rows_by_reason"].items())
     _emit(
         args,
         result,
         lambda: print(
             f"{args.out}: {result['images']} views in {result['seconds']:.1f} s "
             f"({result['images_per_s']} img/s), {result['epochs_complete']} epochs complete, "
-            f"{result['bad_rows']} bad rows"
+            f"{result['bad_rows']} bad rows" + (f" ({reasons})" if reasons else "")
         ),
     )
     return 0
@@ -138,13 +157,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from kdcache.store import open_cache
 
     summary = open_cache(args.cache).summary()
-    _emit(
-        args,
-        summary,
-        lambda: _table(
-            [(k, v) for k, v in summary.items() if k not in ("bytes_per_row_by_array", "versions")]
-        ),
-    )
+
+    def human() -> None:
+        hidden = ("bytes_per_row_by_array", "versions")
+        shown = [(k, v) for k, v in summary.items() if k not in hidden]
+        _table([(k, f"{v:.1%}" if "fraction" in k and v is not None else v) for k, v in shown])
+        share, size = summary.get("overhead_fraction"), summary.get("shard_size_for_10pct_overhead")
+        if share is not None and share > 0.1 and size:
+            print(
+                f"per-file overhead is {share:.0%} of the unit files' bytes (file sizes; "
+                f"{summary['overhead_fraction_on_disk']:.0%} of their blocks on disk): shards of "
+                f">= {size} samples would bring it under 10 % (>= "
+                f"{summary['shard_size_for_10pct_overhead_on_disk']} on disk); see the README, "
+                "'Choosing --shard-size for a cache'"
+            )
+
+    _emit(args, summary, human)
     return 0
 
 
@@ -152,7 +180,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from kdcache.cache.verify import verify
 
     samples = 16 if args.smoke else args.samples
-    with _bar(samples, "verify") as update:
+    with _bar(samples, "verify", unit="view") as update:
         result = verify(
             args.cache,
             args.data,
@@ -161,8 +189,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             samples,
             args.seed,
             args.device,
+            batch_size=args.batch_size,
             progress=update,
             repair=args.repair,
+            workers=args.workers,
+            teacher_mean=args.teacher_mean,
+            teacher_std=args.teacher_std,
         )
     ok = result["top1_agreement"] >= args.min_agreement
     _emit(args, result, lambda: _table(list(result.items())))
@@ -207,6 +239,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "limit",
         "checkpoint_every",
         "strict",
+        "student_mean",
+        "student_std",
+        "teacher_mean",
+        "teacher_std",
+        "label_map",
     )
     cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
     if args.smoke:
@@ -237,6 +274,8 @@ def _make_fixed_cache(cfg: Any) -> None:
         epochs=1,
         views="center",
         num_classes=cfg.num_classes,
+        teacher_mean=cfg.teacher_mean,
+        teacher_std=cfg.teacher_std,
         limit=cfg.limit,
         plan_seed=cfg.plan_seed or 0,
         teacher_image_size=cfg.teacher_image_size or cfg.image_size,
@@ -300,6 +339,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.teacher_image_size,
         args.device,
         args.workers,
+        label_map=args.label_map,
+        teacher_mean=args.teacher_mean,
+        teacher_std=args.teacher_std,
     )
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
@@ -439,15 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "shards",
         help="write WebDataset tar shards from an image source",
-        description="Write KEY.{png,jpg} + KEY.cls tar shards OUT/SPLIT-NNNNNN.tar.",
+        description="Write KEY.{png,jpg} (+ KEY.cls when labelled) tar shards "
+        "OUT/SPLIT-NNNNNN.tar.",
     )
     p.add_argument(
         "--from",
         dest="source",
         required=True,
-        help="digits (scikit-learn's bundled 8x8 digits, upscaled) or imagefolder:PATH",
+        help="digits (scikit-learn's bundled 8x8 digits, upscaled) or imagefolder:PATH "
+        "(PATH/CLASS/IMAGE: labelled; PATH/IMAGE, no class folders: unlabelled, no .cls)",
     )
     p.add_argument("--out", required=True, help="directory for the shards")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the split's shards already in --out (otherwise they are refused)",
+    )
     p.add_argument("--split", default="train", choices=["train", "val"], help="[train]")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard [1000]")
     p.add_argument("--seed", type=int, default=0, help="seed of the order inside the split [0]")
@@ -485,17 +534,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
     p.add_argument("--topk", type=int, default=None, help="logits kept per view [min(10, C)]")
     _views(p, "function_matching")
-    p.add_argument("--teacher-image-size", type=int, default=224, help="teacher input px [224]")
-    p.add_argument("--batch-size", type=int, default=256, help="[256]")
     p.add_argument(
-        "--num-classes", type=int, default=None, help="teacher outputs [largest label + 1]"
+        "--teacher-image-size",
+        type=_size,
+        default=224,
+        help="teacher input px, or auto (the data's median short side) [224]",
     )
+    p.add_argument("--batch-size", type=int, default=256, help="[256]")
+    _num_classes(p, "the teacher's own head; built-in nets: the data's label count")
+    _convention(p, "teacher")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument(
         "--strict",
         action="store_true",
-        help="bad input (unreadable image, no label, label >= classes) is an error; by default "
-        "such rows are marked bad in the cache, counted, and skipped by training",
+        help="an unusable image (no image, undecodable, a mixing partner that does not decode) "
+        "is an error; by default such rows are marked bad in the cache with their reason, "
+        "counted, and skipped by training. Labels are never needed",
     )
     _device(p)
     _common(p, smoke=True)
@@ -525,11 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-weights")
     p.add_argument("--samples", type=int, default=256, help="views to check [256]")
     p.add_argument("--seed", type=int, default=0, help="which views are sampled [0]")
+    p.add_argument("--batch-size", type=int, default=128, help="[128]")
+    _convention(p, "teacher")
     p.add_argument("--min-agreement", type=float, default=0.99, help="[0.99]")
     p.add_argument(
         "--repair", action="store_true", help="recompute damaged units (needs write access)"
     )
-    _device(p, workers=False)
+    _device(p)
     _common(p, smoke=True)
     p.set_defaults(func=cmd_verify)
 
@@ -595,11 +651,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_path", metavar="RUN_OR_WEIGHTS")
     p.add_argument("--data", required=True, help="evaluation shards")
     p.add_argument("--model", help="model spec [the run's student]")
-    p.add_argument("--image-size", type=int, default=None, help="[the run's, else 224]")
-    p.add_argument("--num-classes", type=int, default=None, help="[the run's, else from labels]")
-    p.add_argument("--teacher", help="also report top-1 agreement with this teacher")
+    p.add_argument(
+        "--image-size", type=_size, default=None, help="px or auto [the run's, else 224]"
+    )
+    _num_classes(p, "the run's; else the teacher's, or the labels'")
+    p.add_argument("--teacher", help="also report agreement (top-1, top-5) and KL to this teacher")
     p.add_argument("--teacher-weights")
-    p.add_argument("--teacher-image-size", type=int, default=None, help="[--image-size]")
+    p.add_argument(
+        "--teacher-image-size",
+        type=_size,
+        default=None,
+        help="[the run's teacher's (the cache's), else --image-size]",
+    )
+    _convention(p, "teacher")
+    _label_map(p)
     _device(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -668,21 +733,85 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "against the cache and used for val agreement)",
     )
     g.add_argument("--teacher-weights")
-    g.add_argument("--num-classes", type=int, default=None, help="[the cache's, or from labels]")
+    _num_classes(g, "the teacher's (the cache's); none mode: the labels'")
+    _convention(g, "student")
+    _convention(g, "teacher")
+    _label_map(g)
     g = p.add_argument_group("views")
     _views(g, None)
-    g.add_argument("--image-size", type=int, default=224, help="student input px [224]")
+    g.add_argument(
+        "--image-size",
+        type=_size,
+        default=224,
+        help="student input px, or auto (the data's median short side) [224]",
+    )
     g.add_argument(
         "--teacher-image-size",
-        type=int,
+        type=_size,
         default=None,
-        help="teacher input px [the cache's, or --image-size]",
+        help="teacher input px or auto [the cache's, or --image-size]",
     )
     g = p.add_argument_group("optimisation (Beyer et al. 2022 names)")
     g.add_argument("--epochs", type=int, required=True)
     _add_optim_options(g)
     g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
     _device(g)
+
+
+def _size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected px (an integer) or auto, got {text!r}"
+        ) from None
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected R,G,B (or one value), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _convention(g: Any, who: str) -> None:
+    g.add_argument(
+        f"--{who}-mean",
+        type=_triple,
+        default=None,
+        metavar="R,G,B",
+        help=f"the {who}'s input mean on [0, 1] pixels [its own: timm's pretrained config, "
+        "torchvision's weights transforms, a factory's pretrained_cfg; else ImageNet's]",
+    )
+    g.add_argument(
+        f"--{who}-std", type=_triple, default=None, metavar="R,G,B", help="[as the mean]"
+    )
+
+
+def _num_classes(g: Any, default: str) -> None:
+    g.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help=f"the class count models are built with; checked against the width each model "
+        f"really has [{default}]",
+    )
+
+
+def _label_map(g: Any) -> None:
+    g.add_argument(
+        "--label-map",
+        metavar="FILE",
+        help="JSON: data label -> teacher class (a list, or an object), so val accuracy can "
+        "be scored when the labels are not the teacher's classes",
+    )
 
 
 def _add_optim_options(g: Any) -> None:
@@ -702,6 +831,7 @@ def _add_optim_options(g: Any) -> None:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     quiet = args.quiet or not MAIN_PROCESS
+    _QUIET[:] = [True] if args.quiet else []
     level = logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

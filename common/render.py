@@ -8,24 +8,69 @@ Order of operations, fixed because floating point is not associative:
 crop + resize in one Pillow call on the 8-bit image (bilinear, antialiased when shrinking; Pillow
 computes 8-bit resampling in fixed point, so the bytes do not depend on the CPU) -> flip ->
 scale to [0, 1] float32 -> mixup ``lam * own + (1 - lam) * partner`` with ``lam`` taken from its
-float16 value -> normalise. :data:`RENDERER` names this recipe; caches record it and the trainer
-refuses a cache rendered by another recipe.
+float16 value -> normalise with the model's own mean and std (:class:`InputConvention`;
+teacher and student may differ, and the cache records the teacher's). :data:`RENDERER` names
+this recipe; caches record it and the trainer refuses a cache rendered by another recipe.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.views import Views
+from kdcache.errors import KdcacheError
+from kdcache.views import MIN_IMAGE_SIZE, Views
+
+log = logging.getLogger(__name__)
 
 RENDERER = "pil-bilinear-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How a model wants its input: ``(x - mean) / std`` per channel on [0, 1] RGB pixels.
+
+    ``interpolation`` is what the model names (timm's ``bicubic``, torchvision's ``bilinear``);
+    it is recorded, but the renderer resizes bilinearly (:data:`RENDERER`) until interpolation
+    becomes a view op of its own.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def identity(self) -> dict[str, list[float]]:
+        """What changes the input bytes: the cache attribute ``teacher_input``."""
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_identity(
+        cls, d: Mapping[str, Any], interpolation: str = "bilinear"
+    ) -> InputConvention:
+        return cls(tuple(d["mean"]), tuple(d["std"]), interpolation)
+
+    def describe(self) -> str:
+        return f"mean {_fmt(self.mean)} / std {_fmt(self.std)}"
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+IMAGENET = InputConvention(IMAGENET_MEAN, IMAGENET_STD)
 
 SourceImage = Image.Image | torch.Tensor | np.ndarray
 
@@ -59,13 +104,20 @@ def render_views(
     rows: np.ndarray,
     images: Mapping[int, SourceImage],
     size: int,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    convention: InputConvention = IMAGENET,
 ) -> torch.Tensor:
-    """Render ``views`` of samples ``rows`` (global indices) -> (B, 3, size, size) float32.
+    """Render ``views`` of samples ``rows`` (global indices) -> (B, 3, size, size) float32,
+    normalised by ``convention``.
 
     images: decoded images by global index; mixing partners must be present too.
     """
+    return normalize(render_raw(views, rows, images, size), convention)
+
+
+def render_raw(
+    views: Views, rows: np.ndarray, images: Mapping[int, SourceImage], size: int
+) -> np.ndarray:
+    """The views before normalisation: (B, size, size, 3) float32 in [0, 1], mixed."""
     n = len(rows)
     own = np.empty((n, size, size, 3), dtype=np.uint8)
     other = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -86,6 +138,42 @@ def render_views(
         y = other[mixed].astype(np.float32)
         y /= np.float32(255.0)
         x[mixed] = x[mixed] * lam + y * (np.float32(1.0) - lam)
-    x -= np.asarray(mean, dtype=np.float32)
-    x /= np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return x
+
+
+def normalize(x: np.ndarray, convention: InputConvention) -> torch.Tensor:
+    """(B, S, S, 3) float32 in [0, 1] -> (B, 3, S, S) float32 ``(x - mean) / std``; ``x`` is
+    left as it is, so one render can feed models of different conventions."""
+    y = x - np.asarray(convention.mean, dtype=np.float32)
+    y /= np.asarray(convention.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)))
+
+
+def resolve_image_size(value: int | str, short_sides: np.ndarray, option: str) -> int:
+    """A model's input size from its option: ``auto`` is the data's median short side rounded to
+    a multiple of 8; a size that upscales that median more than 2x is said in one line.
+
+    short_sides: (N,) int short side of each readable image of the data.
+    """
+    median = int(np.median(short_sides)) if len(short_sides) else 0
+    if value == "auto":
+        if not median:
+            raise KdcacheError(f"{option} auto needs readable images in the data; give a size")
+        size = max(MIN_IMAGE_SIZE, int(round(median / 8)) * 8)
+        log.info("%s auto: %d px (the data's median short side is %d px)", option, size, median)
+        return size
+    size = int(value)
+    if size < MIN_IMAGE_SIZE:
+        raise KdcacheError(f"{option} must be at least {MIN_IMAGE_SIZE} px or auto, got {size}")
+    if median and size > 2 * median:
+        log.warning(
+            "%s %d upscales the data's images %.1fx (their median short side is %d px), at about "
+            "%.0fx the compute of their own size; pass %s auto (or a size) if that is not meant",
+            option,
+            size,
+            size / median,
+            median,
+            (size / median) ** 2,
+            option,
+        )
+    return size

@@ -16,12 +16,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: a row is bad only when its image is unusable, and says why (statuses 3-5); labels play no
+# part. Version 1 caches read as before: their status 2 covers every reason, unlabelled rows and
+# labels outside the teacher's classes included, and extending one keeps that rule.
+SCHEMA_VERSION = 2
 FORMAT_NAME = "kdcache"
 
-# Row status.
-PADDING, OK, BAD_INPUT = 0, 1, 2
-STATUS_NAMES = {PADDING: "padding", OK: "ok", BAD_INPUT: "bad input"}
+# Row status. Anything but OK is skipped by training.
+PADDING, OK, BAD_INPUT, NO_IMAGE, UNDECODABLE, PARTNER_UNUSABLE = 0, 1, 2, 3, 4, 5
+STATUS_NAMES = {
+    PADDING: "padding",
+    OK: "ok",
+    BAD_INPUT: "bad input",  # schema 1: any reason, a missing or out-of-range label included
+    NO_IMAGE: "no image",  # the sample has no image member, or an empty one
+    UNDECODABLE: "undecodable",  # the image bytes do not decode
+    PARTNER_UNUSABLE: "partner undecodable",  # the mixing partner's image failed to decode
+}
+BAD_STATUSES = (BAD_INPUT, NO_IMAGE, UNDECODABLE, PARTNER_UNUSABLE)
+
+
+def labels_rule(schema_version: int) -> bool:
+    """Whether a cache of this version marks unlabelled and out-of-range rows bad (version 1)."""
+    return schema_version < 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,13 @@ ROW_FIELDS: tuple[Field, ...] = (
     ),
     Field("topk_index", "int16", 0, ("k",), doc="their class indices (int32 when C > 32767)"),
     Field("lse", "float32", 0.0, doc="log-sum-exp of the teacher's full logits"),
-    Field("status", "uint8", PADDING, doc="0 padding, 1 ok, 2 bad input"),
+    Field(
+        "status",
+        "uint8",
+        PADDING,
+        doc="0 padding, 1 ok, 2 bad input (schema 1), 3 no image, 4 undecodable, "
+        "5 partner undecodable",
+    ),
 )
 SAMPLE_FIELDS: tuple[Field, ...] = (
     Field("key_hash", "uint64", 0, per_epoch=False, doc="blake2b-64 of the sample's key"),
@@ -116,4 +138,9 @@ IDENTITY_KEYS = (
     "num_classes",
     "teacher_image_size",
     "renderer",
+    "teacher_input",
 )
+# What a cache written before an attribute existed means by it (read as if it were stored).
+LEGACY_ATTRIBUTES = {
+    "teacher_input": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+}

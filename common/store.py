@@ -23,6 +23,7 @@ from kdcache import faults, schema
 from kdcache.chunks import ChunkFile
 from kdcache.data.index import DatasetIndex, Unit
 from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
+from kdcache.render import InputConvention
 from kdcache.views import ViewSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Cache:
         if not self.meta:
             raise KdcacheError(f"{self.path} is a Zarr group but not a kdcache cache")
         _check_schema_version(self.path, self.meta)
+        for key, value in schema.LEGACY_ATTRIBUTES.items():  # older caches mean these
+            self.meta.setdefault(key, value)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "mode": self.mode, "meta": self.meta}
@@ -112,6 +115,17 @@ class Cache:
     @property
     def plan_seed(self) -> int:
         return int(self.meta["plan_seed"])
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.meta.get("schema_version", 1))
+
+    @property
+    def teacher_input(self) -> InputConvention:
+        """The teacher's input convention (ImageNet's for caches that do not record one)."""
+        return InputConvention.from_identity(
+            self.meta["teacher_input"], self.meta.get("teacher_interpolation", "bilinear")
+        )
 
     def unit_rows(self, unit: int) -> slice:
         start = unit * self.slot
@@ -321,15 +335,14 @@ class Cache:
 
     def summary(self) -> dict[str, Any]:
         """What ``kdcache inspect`` prints: progress, size on disk, and what the cache is."""
+        from kdcache.sizes import size_report
+
         done = self.done_mask()
         counts = np.array([int(u["count"]) for u in self.units], dtype=np.int64)
         rows_written = int((done * counts[None, :]).sum())
-        row_bytes = {f.name: _disk_bytes(self.path, f.name) for f in schema.ROW_FIELDS}
-        per_row = (
-            sum(row_bytes.values()) / rows_written
-            if rows_written and None not in row_bytes.values()
-            else None
-        )
+        # Bytes per row (apparent and on disk), payload vs per-file overhead, and the shard size
+        # that would bring the overhead under 10 %: kdcache.sizes says what each number means.
+        sizes = size_report(self, done) or {"bytes_per_row": None, "bytes_per_row_by_array": None}
         m = self.meta
         return {
             "path": self.path,
@@ -341,10 +354,7 @@ class Cache:
             "work_units_total": int(done.size),
             "samples": int(m["data"]["num_samples"]),
             "rows_written": rows_written,
-            "bytes_per_row": round(per_row, 2) if per_row is not None else None,
-            "bytes_per_row_by_array": {k: round(v / rows_written, 2) for k, v in row_bytes.items()}
-            if per_row is not None
-            else None,
+            **sizes,
             "teacher": m["teacher"],
             "teacher_weights_hash": m["teacher_weights_hash"],
             "views": m["views"]["name"],
@@ -352,6 +362,14 @@ class Cache:
             "topk": m["topk"],
             "num_classes": m["num_classes"],
             "teacher_image_size": m["teacher_image_size"],
+            "teacher_input": self.teacher_input.describe(),
+            "teacher_random_init": m.get("teacher_random_init"),  # None: not recorded (schema 1)
+            "bad_row_rule": (
+                f"schema {self.schema_version}: an unusable image, no label or a label outside "
+                "the classes (kept when extended)"
+                if schema.labels_rule(self.schema_version)
+                else f"schema {self.schema_version}: an unusable image (labels play no part)"
+            ),
             "data_fingerprint": m["data_fingerprint"],
             "created": m.get("created"),
             "command": m.get("command"),
@@ -368,19 +386,16 @@ class Cache:
             if value is not None and self.meta.get(key) != value
         ]
         if diffs:
+            hint = (
+                " (--teacher-mean/--teacher-std set the teacher's input convention)"
+                if any(d.startswith("teacher_input:") for d in diffs)
+                else ""
+            )
             raise CacheMismatchError(
                 f"cache {self.path} was made differently from {what}: "
                 + "; ".join(diffs)
-                + ". Use a new --out/--cache path, or the settings the cache was made with."
+                + f". Use a new --out/--cache path, or the settings the cache was made with{hint}."
             )
-
-
-def _disk_bytes(path: str, name: str) -> int | None:
-    """Bytes of array ``name`` on local disk (None for remote stores)."""
-    root = os.path.join(path, name)
-    if "://" in path or not os.path.isdir(root):
-        return None
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
 def _check_schema_version(path: str, meta: Mapping[str, Any]) -> None:

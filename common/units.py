@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
+from kdcache import schema
 from kdcache.data.index import DatasetIndex
 from kdcache.data.webdataset import Sample, read_unit
 from kdcache.errors import KdcacheError
@@ -58,10 +59,11 @@ class UnitReader:
             _, old = self._images.popitem(last=False)
             self._image_bytes -= old.width * old.height * 3
 
-    def decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], set[int]]:
-        """Decode global ``indices`` -> ({index: RGB image}, {indices that failed})."""
+    def decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], dict[int, int]]:
+        """Decode global ``indices`` -> ({index: RGB image}, {index that failed: why}), the
+        reason a row status (:data:`schema.NO_IMAGE` or :data:`schema.UNDECODABLE`)."""
         images: dict[int, Image.Image] = {}
-        failed: set[int] = set()
+        failed: dict[int, int] = {}
         for i in sorted(set(int(i) for i in indices)):
             if i in self._images:
                 self._images.move_to_end(i)
@@ -69,14 +71,14 @@ class UnitReader:
                 continue
             unit = self.index.unit_index_of(i)
             sample = self.samples(unit)[i - self.index.units[unit].start]
-            if sample.data is None:
-                failed.add(i)
+            if not sample.data:
+                failed[i] = schema.NO_IMAGE
                 continue
             try:
                 images[i] = decode_image(sample.data)
             except (OSError, ValueError, SyntaxError) as e:
                 log.warning("cannot decode sample %s (%s): %s", sample.key, i, e)
-                failed.add(i)
+                failed[i] = schema.UNDECODABLE
                 continue
             self._remember(i, images[i])
         return images, failed

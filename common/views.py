@@ -32,6 +32,7 @@ INDEPENDENT_STREAM = 1
 _GAMMA_INT = 0x9E3779B97F4A7C15  # golden-ratio increment of splitmix64
 _GAMMA = np.uint64(_GAMMA_INT)
 _INCEPTION_TRIES = 10  # as torchvision's RandomResizedCrop
+MIN_IMAGE_SIZE = 8  # px: the smallest side views render to (the built-in nets need 8)
 
 # Draw slots per view. Fixed offsets (not "the next draw") keep every parameter's draw
 # independent of how many attempts another parameter needed.

@@ -57,7 +57,7 @@ def test_cache_marks_bad_input_and_never_mixes_it(broken_cache):
     for epoch in range(2):
         rows = cache.read_unit(epoch, 0)
         status = rows["status"]
-        assert status[BROKEN] == schema.BAD_INPUT
+        assert status[BROKEN] == schema.UNDECODABLE
         assert (np.delete(status, BROKEN) == schema.OK).all()
         assert not rows["topk_logits"][BROKEN].any() and rows["lse"][BROKEN] == 0
         assert not rows["box"][BROKEN].any() and rows["partner"][BROKEN] == -1

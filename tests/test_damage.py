@@ -17,6 +17,7 @@ from conftest import (
     write_split,
 )
 
+from kdcache import schema
 from kdcache.cache import precompute
 from kdcache.cache.verify import verify
 from kdcache.data.shards import ShardWriter
@@ -124,49 +125,61 @@ def odd_labels(tmp_path_factory) -> str:
             if m.name == "nolabel-0.cls":
                 continue
             tar.addfile(m, io.BytesIO(data))
-    return str(out)
+    return os.path.join(str(out), "*.tar")  # a glob: a directory of two prefixes is refused
 
 
-def test_missing_and_out_of_range_labels_are_marked_bad(odd_labels, tmp_path):
+def test_missing_and_out_of_range_labels_are_good_rows(odd_labels, tmp_path, val_dir):
+    """Distillation needs no labels: such rows are cached, trained on, and pass --strict."""
     out = str(tmp_path / "c.zarr")
     summary = precompute(
-        cache_config(odd_labels, out, epochs=1, num_classes=10, views="consistent")
+        cache_config(odd_labels, out, epochs=1, num_classes=10, views="consistent", strict=True)
     )
-    assert summary["bad_rows"] == 2
+    assert summary["bad_rows"] == 0 and summary["bad_rows_by_reason"] == {}
     status = open_cache(out).read_unit(0, 0)["status"]  # extra-000000.tar sorts first
-    assert status.tolist() == [2, 2]
-    with pytest.raises(KdcacheError, match="--strict"):
-        precompute(
-            cache_config(
-                odd_labels,
-                str(tmp_path / "s.zarr"),
-                epochs=1,
-                num_classes=10,
-                views="consistent",
-                strict=True,
-            )
-        )
-
-
-def test_training_skips_bad_rows_and_strict_refuses(odd_labels, tmp_path, val_dir):
-    cache = str(tmp_path / "c.zarr")
-    precompute(cache_config(odd_labels, cache, epochs=1, num_classes=10, views="consistent"))
+    assert status.tolist() == [schema.OK, schema.OK]
     kw = dict(
         data=odd_labels,
         val=val_dir,
         student="kdcache:tiny_cnn",
         epochs=1,
-        teacher_mode="cached",
-        cache=cache,
+        cache=out,
         image_size=16,
         batch_size=4,
         workers=0,
         device="cpu",
     )
-    result = fit(TrainConfig(out=str(tmp_path / "run"), **kw))
-    assert result["skipped_rows"] == 2
-    with pytest.raises(KdcacheError, match="--strict"):
-        fit(TrainConfig(out=str(tmp_path / "strict"), strict=True, **kw))
+    result = fit(TrainConfig(out=str(tmp_path / "run"), strict=True, **kw))
+    assert result["skipped_rows"] == 0 and np.isfinite(result["train_loss"])
+
+
+def test_hard_labels_need_labels_in_range_and_say_which(odd_labels, tmp_path, val_dir):
+    code, _, err = run_cli(
+        "train",
+        "--data",
+        odd_labels,
+        "--val",
+        val_dir,
+        "--student",
+        "kdcache:tiny_cnn",
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--teacher-mode",
+        "none",
+        "--image-size",
+        "16",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--num-classes",
+        "10",
+    )
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1, err
+    assert "2 samples" in lines[0] and "sample 0 (position 0 of shard extra-000000.tar)" in lines[0]
+    assert "no label" in lines[0] and "Traceback" not in err
 
 
 def test_truncated_shard_is_named(tmp_path, train_dir):
@@ -196,24 +209,28 @@ def test_truncated_and_empty_images_are_bad_rows(tmp_path, val_dir):
     cache = str(tmp_path / "c.zarr")
     summary = precompute(cache_config(data, cache, epochs=1, num_classes=10, views="consistent"))
     assert summary["bad_rows"] == 2
+    assert summary["bad_rows_by_reason"] == {"no image": 1, "undecodable": 1}
     status = open_cache(cache).read_unit(0, 0)["status"]
-    assert np.flatnonzero(status == 2).tolist() == [2, 5]
-    result = fit(
-        TrainConfig(
-            data=data,
-            val=val_dir,
-            student="kdcache:tiny_cnn",
-            out=str(tmp_path / "run"),
-            epochs=1,
-            teacher_mode="cached",
-            cache=cache,
-            image_size=16,
-            batch_size=4,
-            workers=0,
-            device="cpu",
-        )
+    assert status[2] == schema.UNDECODABLE and status[5] == schema.NO_IMAGE
+    assert (np.delete(status, [2, 5]) == schema.OK).all()
+    with pytest.raises(KdcacheError, match="--strict.*undecodable"):
+        precompute(cache_config(data, str(tmp_path / "s.zarr"), epochs=1, strict=True))
+    kw = dict(
+        data=data,
+        val=val_dir,
+        student="kdcache:tiny_cnn",
+        epochs=1,
+        teacher_mode="cached",
+        cache=cache,
+        image_size=16,
+        batch_size=4,
+        workers=0,
+        device="cpu",
     )
+    result = fit(TrainConfig(out=str(tmp_path / "run"), **kw))
     assert result["skipped_rows"] == 2
+    with pytest.raises(KdcacheError, match="--strict"):
+        fit(TrainConfig(out=str(tmp_path / "strict"), strict=True, **kw))
 
 
 def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypatch):

@@ -156,7 +156,6 @@ def test_packed_batches_unpack_to_the_same_batch(cached, tiny_cache, train_dir):
             cache.spec,
             cache.plan_seed,
             cache=cache if cached else None,
-            need_labels=not cached,
         )
     )
     loader = DataLoader(PackedBatches(plain), batch_size=None, num_workers=2)

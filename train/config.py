@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
+from kdcache.views import MIN_IMAGE_SIZE
 
 TEACHER_MODES = ("cached", "online", "fixed", "independent", "none")
 # The student's views when --views is not given (cached mode: the cache decides). The fixed and
@@ -34,8 +35,8 @@ class TrainConfig:
     views: str | None = None  # default: the cache's preset, or function_matching
     plan_seed: int | None = None  # default: the cache's, or 0
     seed: int = 0
-    image_size: int = 224
-    teacher_image_size: int | None = None  # default: the cache's, or image_size
+    image_size: int | str = 224  # or "auto": the data's median short side
+    teacher_image_size: int | str | None = None  # default: the cache's, or image_size
     batch_size: int = 256  # global, split over ranks
     lr: float = 1e-3
     weight_decay: float = 1e-4  # AdamW's (multiplied by lr, as in PyTorch)
@@ -45,7 +46,12 @@ class TrainConfig:
     window: int = 4  # units shuffled together inside an epoch
     workers: int = 2
     device: str = "auto"
-    num_classes: int | None = None
+    num_classes: int | None = None  # default: the teacher's (the cache's); none mode: labels
+    student_mean: tuple[float, float, float] | None = None  # default: the student's own
+    student_std: tuple[float, float, float] | None = None
+    teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's own
+    teacher_std: tuple[float, float, float] | None = None
+    label_map: str | None = None  # JSON file: data label -> teacher class, for val accuracy
     resume: bool = False
     limit: int | None = None  # train on the first N samples only
     strict: bool = False  # unusable rows are errors instead of skipped and counted
@@ -70,15 +76,31 @@ class TrainConfig:
             problems.append(
                 f"--teacher-mode {self.teacher_mode} needs --teacher MODEL (and --teacher-weights)"
             )
-        if self.epochs < 1:
-            problems.append(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be positive, got {self.batch_size}")
-        if self.temperature <= 0:
+        problems += [
+            f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+            for name, value, low in (
+                ("epochs", self.epochs, 1),
+                ("batch_size", self.batch_size, 1),
+                ("checkpoint_every", self.checkpoint_every, 0),
+                ("limit", self.limit, 1),
+                ("workers", self.workers, 0),
+                ("num_classes", self.num_classes, 2),
+                ("window", self.window, 1),
+                ("lr", self.lr, 0.0),
+                ("weight_decay", self.weight_decay, 0.0),
+                ("warmup", self.warmup, 0.0),
+                ("clip_grad", self.clip_grad, 0.0),
+            )
+            if value is not None and value < low
+        ]
+        if not self.temperature > 0:
             problems.append(f"--temperature must be positive, got {self.temperature}")
-        if self.checkpoint_every < 0:
-            problems.append(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"--limit must be positive, got {self.limit}")
+        for name in ("image_size", "teacher_image_size"):
+            value = getattr(self, name)
+            if value not in (None, "auto") and int(value) < MIN_IMAGE_SIZE:
+                option = "--" + name.replace("_", "-")
+                problems.append(
+                    f"{option} must be at least {MIN_IMAGE_SIZE} px or auto, got {value}"
+                )
         if problems:
             raise KdcacheError("; ".join(problems))

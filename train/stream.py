@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from kdcache import schema
 from kdcache.data.index import DatasetIndex
-from kdcache.render import render_views
+from kdcache.render import IMAGENET, InputConvention, normalize, render_raw, render_views
 from kdcache.replay import TARGET_FIELDS, cached_unit_views, fresh_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images
@@ -43,9 +43,10 @@ class StreamSpec:
     cache: Cache | None = None  # cached mode: views and targets from here
     cache_epoch: int = 0
     teacher_image_size: int | None = None  # online: also render the teacher's input
-    need_labels: bool = False  # hard-label training: rows without a label are unusable
     target_cache: Cache | None = None  # fixed mode: targets of each sample from its epoch 0
     teacher_stream: int | None = None  # independent mode: the teacher's own views
+    student_input: InputConvention = IMAGENET  # each model's own normalisation
+    teacher_input: InputConvention = IMAGENET
 
 
 class TrainBatches(Dataset):
@@ -76,9 +77,10 @@ class TrainBatches(Dataset):
             ok &= ~np.isin(rows, list(failed)) & ~np.isin(views.partner, list(failed))
         rows, views = rows[ok], views.take(ok)
         partner = np.where(views.partner >= 0, views.partner, rows)
+        raw = render_raw(views, rows, images, s.image_size)
         item = {
             "rows": torch.from_numpy(rows),
-            "pixels": render_views(views, rows, images, s.image_size),
+            "pixels": normalize(raw, s.student_input),
             "label": torch.from_numpy(s.index.label[rows]),
             "partner_label": torch.from_numpy(s.index.label[partner]),
             "lam": torch.from_numpy(views.lam.astype(np.float32)),
@@ -88,14 +90,19 @@ class TrainBatches(Dataset):
             item[name] = torch.from_numpy(values[ok])
         if teacher_views is not None:  # independent: the same samples, the teacher's own views
             item["teacher_pixels"] = render_views(
-                teacher_views.take(ok), rows, images, s.teacher_image_size or s.image_size
+                teacher_views.take(ok),
+                rows,
+                images,
+                s.teacher_image_size or s.image_size,
+                s.teacher_input,
             )
-        elif s.teacher_image_size:
-            item["teacher_pixels"] = (
-                item["pixels"]
-                if s.teacher_image_size == s.image_size
-                else render_views(views, rows, images, s.teacher_image_size)
+        elif s.teacher_image_size and s.teacher_image_size != s.image_size:
+            item["teacher_pixels"] = render_views(
+                views, rows, images, s.teacher_image_size, s.teacher_input
             )
+        elif s.teacher_image_size:  # the very same render, normalised the teacher's way
+            same = s.teacher_input.identity() == s.student_input.identity()
+            item["teacher_pixels"] = item["pixels"] if same else normalize(raw, s.teacher_input)
         return item
 
     def _gather(
@@ -112,9 +119,6 @@ class TrainBatches(Dataset):
 
         views = Views(**{f: pick(0, f) for f in schema.VIEW_FIELDS})
         ok = np.array([p[1][j] for p, j in zip(parts, local, strict=True)], dtype=bool)
-        if self.s.need_labels:
-            ok &= index.label[rows] >= 0
-            ok &= (views.partner < 0) | (index.label[np.maximum(views.partner, 0)] >= 0)
         targets = {}
         if parts[0][2]:
             targets = {
@@ -174,11 +178,7 @@ _ALIGN = 8  # every field starts at a multiple of 8 bytes, so its view has an al
 def pack(item: dict) -> dict:
     """Every tensor of ``item`` whose name has no ``pixels`` -> one uint8 tensor ``packed`` and
     its ``layout`` [(name, dtype name, shape, start byte, bytes)]; one copy of each field."""
-    raw = {
-        k: v.contiguous().reshape(-1).view(torch.uint8)
-        for k, v in item.items()
-        if torch.is_tensor(v) and "pixels" not in k
-    }
+    raw = {k: _bytes(v) for k, v in item.items() if torch.is_tensor(v) and "pixels" not in k}
     layout, offset = [], 0
     for name, data in raw.items():
         dtype = str(item[name].dtype).removeprefix("torch.")
@@ -190,6 +190,13 @@ def pack(item: dict) -> dict:
     out = {k: v for k, v in item.items() if k not in raw}
     out["packed"], out["layout"] = packed, layout
     return out
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 view (a copy only when it is not contiguous)."""
+    if t.numel() == 0:  # an empty tensor from numpy has stride 0, which view() refuses
+        return torch.empty(0, dtype=torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def unpack(item: dict) -> dict:

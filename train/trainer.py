@@ -26,12 +26,12 @@ from kdcache import targets as T
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
-from kdcache.models import create_model, weights_hash
-from kdcache.render import RENDERER
+from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
+from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import Cache, open_cache
 from kdcache.train.config import DEFAULT_VIEWS, TrainConfig
-from kdcache.train.evaluate import evaluate
+from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.plan import epoch_order, rank_batches
 from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, unpack
 from kdcache.views import INDEPENDENT_STREAM, ViewSpec, get_spec
@@ -53,16 +53,23 @@ class _Run:
     plan_seed: int
     cache: Cache | None
     cache_epochs: list[int]
-    teacher: torch.nn.Module | None
+    teacher: Model | None
+    image_size: int
     teacher_image_size: int
+    teacher_input: InputConvention  # what the teacher is fed: the cache's, or the live one's
+    accuracy_basis: str  # labels | label_map | none
+    label_map: np.ndarray | None
 
 
-def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
+def _resolve(cfg: TrainConfig) -> _Run:
     cache, cache_epochs = None, []
     if cfg.teacher_mode in ("cached", "fixed"):
         cache = open_cache(cfg.cache)
     index = load_index(cfg.data, known=cache.dataset_index if cache else None)
     val = load_index(cfg.val)
+    image_size = resolve_image_size(cfg.image_size, index.short_sides, "--image-size")
+    label_classes = max(index.num_classes, val.num_classes)
+    num_classes, teacher_size = cfg.num_classes, None
     if cache is not None:
         _check_cache(cache, cfg, index)
         # With --limit only the units holding the first samples need to be there.
@@ -73,11 +80,12 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
                 f"cache {cfg.cache} has no epoch complete over the {needed} shards this run "
                 "reads; finish it with `kdcache precompute` (the same command, without --smoke)"
             )
-        num_classes = cache.num_classes
-        teacher_size = int(cache.meta["teacher_image_size"])
-    else:
-        num_classes = cfg.num_classes or max(index.num_classes, val.num_classes)
-        teacher_size = cfg.teacher_image_size or cfg.image_size
+        if cfg.num_classes and cfg.num_classes != cache.num_classes:
+            raise KdcacheError(
+                f"--num-classes {cfg.num_classes} differs from the cache's {cache.num_classes} "
+                "classes (the teacher's); drop --num-classes"
+            )
+        num_classes, teacher_size = cache.num_classes, int(cache.meta["teacher_image_size"])
     if cfg.teacher_mode == "cached":
         spec, plan_seed = cache.spec, cache.plan_seed
         if cfg.epochs > len(cache_epochs):
@@ -96,24 +104,83 @@ def _resolve(cfg: TrainConfig, device: torch.device) -> _Run:
                 f"--teacher-mode {cfg.teacher_mode} trains on unmixed views (the teacher never "
                 f"sees the student's mix); --views {spec.name} mixes: use consistent or center"
             )
-    if cfg.num_classes and cfg.num_classes != num_classes:
-        raise KdcacheError(
-            f"--num-classes {cfg.num_classes} differs from the cache's {num_classes} classes"
-        )
-    if num_classes < 2:
-        raise KdcacheError(f"{cfg.data} has {num_classes} labelled classes; set --num-classes")
     teacher = None
     if cfg.teacher:
-        teacher = create_model(cfg.teacher, num_classes, cfg.teacher_weights)
+        if teacher_size is None:
+            teacher_size = resolve_image_size(
+                cfg.teacher_image_size or image_size, index.short_sides, "--teacher-image-size"
+            )
+        teacher = load_model(
+            cfg.teacher,
+            image_size=teacher_size,
+            num_classes=num_classes,
+            default_classes=label_classes,
+            weights=cfg.teacher_weights,
+            mean=cfg.teacher_mean,
+            std=cfg.teacher_std,
+            asked_by=f"the cache {cfg.cache}" if cache is not None else "--num-classes",
+        )
         if cache is not None:
             cache.check_identity(
-                {"teacher": cfg.teacher, "teacher_weights_hash": weights_hash(teacher)},
+                {
+                    "teacher": cfg.teacher,
+                    "teacher_weights_hash": weights_hash(teacher.module),
+                    "teacher_input": teacher.convention.identity(),
+                },
                 what="--teacher",
             )
-        teacher = prepare_model(teacher, device, eval_mode=True)
-    return _Run(
-        index, val, num_classes, spec, plan_seed, cache, cache_epochs, teacher, teacher_size
+        elif cfg.teacher_mode in ("online", "independent"):
+            warn_random_teacher(cfg.teacher, cfg.teacher_weights)
+        num_classes = teacher.num_classes
+    if num_classes is None:  # hard labels, no teacher: the labels' classes
+        num_classes = label_classes
+    if num_classes < 2:
+        raise KdcacheError(
+            f"{cfg.data} has {num_classes} labelled classes; label the data or set --num-classes"
+        )
+    if cfg.teacher_mode == "none":
+        _check_labels(index, num_classes, cfg.limit)
+    teacher_input = cache.teacher_input if cache is not None else None
+    if teacher is not None:
+        teacher_input = teacher.convention
+    basis, label_map = accuracy_basis(
+        cfg.teacher_mode == "none", num_classes, label_classes, val, cfg.label_map
     )
+    return _Run(
+        index,
+        val,
+        num_classes,
+        spec,
+        plan_seed,
+        cache,
+        cache_epochs,
+        teacher,
+        image_size,
+        teacher_size or image_size,
+        teacher_input or IMAGENET,
+        basis,
+        label_map,
+    )
+
+
+def _check_labels(index: DatasetIndex, num_classes: int, limit: int | None) -> None:
+    """Hard-label training needs a label in range on every sample it reads (the units holding
+    the first ``limit`` samples: mixing partners come from the whole unit)."""
+    units = [u for u in index.units if u.start < (limit or index.num_samples)]
+    label = index.label[: units[-1].start + units[-1].count]
+    bad = np.flatnonzero((label < 0) | (label >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        u = index.units[index.unit_index_of(i)]
+        what = (
+            "no label" if label[i] < 0 else f"label {label[i]}, outside the {num_classes} classes"
+        )
+        raise KdcacheError(
+            f"--teacher-mode none trains on labels, but {len(bad)} samples have none in range; "
+            f"the first is sample {i} (position {i - u.start} of shard {u.name}): {what}. "
+            "Label the data (or set --num-classes), or distil from a teacher: the teacher modes "
+            "need no labels"
+        )
 
 
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
@@ -163,7 +230,7 @@ def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.
             item["topk_logits"], item["topk_index"], item["lse"], run.num_classes
         ).to(device, non_blocking=True)
     if cfg.teacher_mode in ("online", "independent"):
-        return T.from_logits(teacher_logits(run.teacher, item["teacher_pixels"], device))
+        return T.from_logits(teacher_logits(run.teacher.module, item["teacher_pixels"], device))
     return T.from_labels(item["label"], item["partner_label"], item["lam"], run.num_classes).to(
         device, non_blocking=True
     )
@@ -223,10 +290,22 @@ def fit(
         _prepare_out(cfg)
     place.barrier()
     device = resolve_device(device_name)
-    run = _resolve(cfg, device)
+    run = _resolve(cfg)
+    if run.teacher is not None:
+        run.teacher.module = prepare_model(run.teacher.module, device, eval_mode=True)
     # Every rank builds the same initial student from --seed; DDP keeps them equal after.
-    student = create_model(cfg.student, run.num_classes, cfg.student_weights, seed=cfg.seed)
-    student = prepare_model(student, device, eval_mode=False)
+    built = load_model(
+        cfg.student,
+        image_size=run.image_size,
+        num_classes=run.num_classes,
+        weights=cfg.student_weights,
+        seed=cfg.seed,
+        mean=cfg.student_mean,
+        std=cfg.student_std,
+        asked_by="the teacher's classes" if cfg.teacher_mode != "none" else "the labels",
+    )
+    student_input = built.convention
+    student = prepare_model(built.module, device, eval_mode=False)
     if place.enabled:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
@@ -240,7 +319,7 @@ def fit(
     )
     pos = _resume(cfg, bare, optimizer, schedule, place)
     if place.main:
-        _write_config(cfg, run)
+        _write_config(cfg, run, student_input)
     save = _Saver(cfg, bare, optimizer, schedule, place)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
@@ -248,16 +327,22 @@ def fit(
     while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
         epoch = pos.epoch
-        metrics = _train_epoch(cfg, run, student, optimizer, schedule, device, pos, on_step, save)
+        metrics = _train_epoch(
+            cfg, run, student, student_input, optimizer, schedule, device, pos, on_step, save
+        )
         scores = evaluate(
             bare,
             run.val,
-            cfg.image_size,
+            run.image_size,
             device,
             cfg.workers,
-            run.teacher,
+            run.teacher.module if run.teacher else None,
             run.teacher_image_size,
             place,
+            student_input=student_input,
+            teacher_input=run.teacher_input,
+            basis=run.accuracy_basis,
+            label_map=run.label_map,
         )
         metrics["val_accuracy"] = scores.pop("accuracy")
         metrics.update(scores)
@@ -266,11 +351,11 @@ def fit(
         pos = _Position(epoch + 1)
         save.epoch_end(metrics, pos)
         log.info(
-            "epoch %d/%d  loss %.4f  val acc %.4f%s  %.0f img/s%s",
+            "epoch %d/%d  loss %.4f  val acc %s%s  %.0f img/s%s",
             epoch + 1,
             cfg.epochs,
             metrics["train_loss"],
-            metrics["val_accuracy"],
+            "n/a" if metrics["val_accuracy"] is None else f"{metrics['val_accuracy']:.4f}",
             f"  agreement {metrics['teacher_agreement']:.4f}"
             if "teacher_agreement" in metrics
             else "",
@@ -346,6 +431,7 @@ def _train_epoch(
     cfg: TrainConfig,
     run: _Run,
     student: torch.nn.Module,
+    student_input: InputConvention,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     device: torch.device,
@@ -365,15 +451,16 @@ def _train_epoch(
         run.index,
         batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
         epoch,
-        cfg.image_size,
+        run.image_size,
         run.spec,
         run.plan_seed,
         cache=run.cache if mode == "cached" else None,
         cache_epoch=cache_epoch,
         teacher_image_size=run.teacher_image_size if mode in ("online", "independent") else None,
-        need_labels=mode == "none",
         target_cache=run.cache if mode == "fixed" else None,
         teacher_stream=INDEPENDENT_STREAM if mode == "independent" else None,
+        student_input=student_input,
+        teacher_input=run.teacher_input,
     )
     loader = DataLoader(
         PackedBatches(TrainBatches(stream)),
@@ -389,11 +476,10 @@ def _train_epoch(
     for step, packed in enumerate(loader, start=pos.step):
         item = unpack(packed)
         skipped += item["skipped"]
-        if len(item["rows"]) == 0 and not place.enabled:
-            continue
         if len(item["rows"]) == 0:
-            # Every rank must step together under DDP: contribute a zero gradient instead.
-            loss = _zero_loss(student, cfg.image_size, device)
+            # No usable row: step with a zero loss, as every rank must under DDP (and so the
+            # schedule and the step count do not depend on which rows were usable).
+            loss = _zero_loss(student, run.image_size, device)
         else:
             pixels = item["pixels"].to(device, non_blocking=True)
             if device.type == "cuda":
@@ -471,7 +557,14 @@ def _resume(
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is replaced atomically: this is not a torn write
         raise KdcacheError(f"cannot read {path}: {e}; it is damaged, start a new run") from None
-    student.load_state_dict(state["model"])
+    try:
+        student.load_state_dict(state["model"])
+    except RuntimeError:
+        before = state.get("config", {}).get("student", "another model")
+        raise KdcacheError(
+            f"{path} holds a run of {before}, whose weights do not fit --student {cfg.student}; "
+            "resume with the run's own options, or choose another --out"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
@@ -517,10 +610,14 @@ def _last_metrics(out: str) -> dict[str, Any]:
     return history[-1] if history else {}
 
 
-def _write_config(cfg: TrainConfig, run: _Run) -> None:
+def _write_config(cfg: TrainConfig, run: _Run, student_input: InputConvention) -> None:
     resolved = {
         **asdict(cfg),
         "num_classes": run.num_classes,
+        "image_size_resolved": run.image_size,
+        "student_input": student_input.identity(),
+        "teacher_input": run.teacher_input.identity(),
+        "accuracy_basis": run.accuracy_basis,
         "view_spec": run.spec.to_dict(),
         "resolved_plan_seed": run.plan_seed,
         "teacher_image_size_resolved": run.teacher_image_size,

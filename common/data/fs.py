@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import IO, Any
 
 import braceexpand
@@ -70,6 +71,21 @@ def isdir(path: str) -> bool:
     return fs.isdir(p)
 
 
+_SPLIT_SHARD = re.compile(r"^(.+)-\d+\.tar$")  # PREFIX-DIGITS.tar, as `kdcache shards` writes
+
+
+def _one_split(directory: str, found: list[str]) -> None:
+    """Refuse a directory holding shards of several splits (train-*.tar beside val-*.tar)."""
+    prefixes = sorted({m.group(1) for f in found if (m := _SPLIT_SHARD.match(basename(f)))})
+    if len(prefixes) > 1:
+        base = directory.rstrip("/")
+        globs = [f"'{base}/{p}-*.tar'" for p in prefixes]
+        raise KdcacheError(
+            f"{directory} holds shards of {len(prefixes)} splits ({', '.join(prefixes)}); "
+            f"name one: {', '.join(globs[:-1])} or {globs[-1]}"
+        )
+
+
 def expand(part: str) -> list[str]:
     """One DATA part (directory, brace pattern, glob or file) -> shard paths or URLs, in order."""
     if isdir(part):
@@ -80,6 +96,7 @@ def expand(part: str) -> list[str]:
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
         if not found:
             raise KdcacheError(f"{part} holds no .tar shards; make some with `kdcache shards`")
+        _one_split(part, found)
         return found
     urls = []
     for path in braceexpand.braceexpand(part):

@@ -96,6 +96,12 @@ class DatasetIndex:
         return int(self.label.max()) + 1 if self.num_samples and self.label.max() >= 0 else 0
 
     @property
+    def short_sides(self) -> np.ndarray:
+        """(M,) int64 short side of each readable image (for image-size defaults and checks)."""
+        readable = (self.size > 0).all(axis=1)
+        return self.size[readable].min(axis=1)
+
+    @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for u in self.units:
