@@ -257,6 +257,12 @@ def precompute(cfg: PrecomputeConfig, progress: Progress | None = None) -> dict:
         teacher.convention.describe(),
         size,
     )
+    if teacher.convention.interpolation != "bilinear":
+        log.info(
+            "the teacher names %s interpolation; kdcache resizes bilinearly (recorded as "
+            "teacher_interpolation)",
+            teacher.convention.interpolation,
+        )
     identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size)
     # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
     # once it is there, and every rank checks it is the cache this job means.

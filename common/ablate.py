@@ -187,7 +187,15 @@ def _train(
     return {"history": history, "wall_seconds": wall, "run": run}
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def _mean(values: list[float | None]) -> float | None:
+    """The mean; None when any value is (val accuracy is null when the labels are not the
+    teacher's classes: see ``accuracy_basis``)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _mean_std(values: list[float | None]) -> dict[str, float] | None:
+    if any(v is None for v in values):
+        return None
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
     return {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
@@ -202,7 +210,9 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         per_seed.append(
             {
                 "final_val_accuracy": last["val_accuracy"],
-                "best_val_accuracy": max(m["val_accuracy"] for m in h),
+                "best_val_accuracy": max(
+                    (m["val_accuracy"] for m in h if m["val_accuracy"] is not None), default=None
+                ),
                 "final_train_loss": last["train_loss"],
                 "teacher_agreement": last.get("teacher_agreement", float("nan")),
                 "images_per_s": sum(m["images_per_s"] for m in h) / len(h),
@@ -216,7 +226,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out = {k: _mean_std([s[k] for s in per_seed]) for k in keys}
     out["seeds"] = len(per_seed)
     out["curve"] = [
-        sum(r["history"][e]["val_accuracy"] for r in runs) / len(runs)
+        _mean([r["history"][e]["val_accuracy"] for r in runs])
         for e in range(len(runs[0]["history"]))
     ]
     out["runs"] = [r["run"] for r in runs]
@@ -264,13 +274,15 @@ def _patience(
                 _train(cfg, mode, teacher_mode, preset, s, epochs, caches, fit)
                 for s in range(cfg.seeds)
             ]
-            out[mode][str(epochs)] = sum(r["history"][-1]["val_accuracy"] for r in runs) / len(runs)
+            out[mode][str(epochs)] = _mean([r["history"][-1]["val_accuracy"] for r in runs])
     if not out:
         log.warning("--patience given but no function-matching mode is in --modes")
     return out
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, dict):
         return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
     return f"{value:.{digits}f}"

@@ -306,7 +306,7 @@ def _fit_with_bars(cfg: Any) -> dict[str, Any]:
                     dynamic_ncols=True,
                     file=sys.stderr,
                     leave=False,
-                    disable=not MAIN_PROCESS,
+                    disable=not MAIN_PROCESS or bool(_QUIET),
                 )
             )
         bar[0].update(1)
