@@ -24,6 +24,7 @@ from kdcache.cache.writer import UnitWriter
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
+from kdcache.lock import output_lock
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
 from kdcache.runtime import (
@@ -234,6 +235,19 @@ def precompute(cfg: PrecomputeConfig, progress: Progress | None = None) -> dict:
     spec = get_spec(cfg.views)
     place, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
+    # One job per cache: a second one (a requeue race) says who holds it instead of wiping a
+    # cache being created or writing the same units twice. Rank 0 holds it for the job.
+    with output_lock(cfg.out, "cache", enabled=place.main):
+        return _precompute(cfg, spec, place, device, progress)
+
+
+def _precompute(
+    cfg: PrecomputeConfig,
+    spec: ViewSpec,
+    place: Dist,
+    device: torch.device,
+    progress: Progress | None,
+) -> dict:
     index = load_index(cfg.data, known=lambda: _stored_index(cfg.out))
     size = resolve_image_size(cfg.teacher_image_size, index.short_sides, "--teacher-image-size")
     teacher = load_model(

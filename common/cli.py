@@ -239,6 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "limit",
         "checkpoint_every",
         "strict",
+        "extend",
         "student_mean",
         "student_std",
         "teacher_mean",
@@ -691,7 +692,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="training shards")
     g.add_argument("--val", required=True, help="held-out shards (center views)")
     g.add_argument("--out", required=True, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue OUT/checkpoint.pt; options that change the run (models, data, cache, "
+        "views, seeds, sizes, batch size, optimiser) must be the run's own (OUT/config.json), "
+        "--workers, --device, --checkpoint-every and --strict may change",
+    )
+    g.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume: allow more --epochs than the run had; the warm-up and cosine "
+        "schedule are recomputed over the new --epochs and continue from the current step "
+        "(the lr jumps to that curve's value)",
+    )
     g.add_argument(
         "--strict",
         action="store_true",

@@ -76,8 +76,17 @@ SourceImage = Image.Image | torch.Tensor | np.ndarray
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> decoded RGB image. Raises ``OSError``/``ValueError`` when broken."""
+    """Encoded image bytes -> decoded RGB image. Raises ``OSError``/``ValueError`` when broken.
+
+    16-bit grey (Pillow's modes ``I;16*``, and ``I``, in which Pillow gives 16-bit PGMs and
+    older Pillows 16-bit PNGs) keeps its high byte, as Pillow does itself for 16-bit RGB, instead
+    of being clipped at 255 by ``convert``; every other mode converts as Pillow does.
+    """
     with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            wide = np.asarray(im).astype(np.int64)
+            grey = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+            return Image.fromarray(grey).convert("RGB")
         return im.convert("RGB")  # a new, fully loaded image
 
 

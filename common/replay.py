@@ -11,7 +11,7 @@ import numpy as np
 
 from kdcache import schema
 from kdcache.data.index import DatasetIndex
-from kdcache.errors import CacheMismatchError
+from kdcache.errors import CacheDamagedError, CacheMismatchError
 from kdcache.store import Cache
 from kdcache.views import STUDENT_STREAM, Views, ViewSpec, sample_unit_views, view_keys
 
@@ -62,6 +62,12 @@ def check_unit(
         )
     written = rows["status"] != schema.PADDING
     if not written.any():
+        if bool(cache.array(schema.DONE_ARRAY)[epoch, unit]):  # committed, yet its rows are gone
+            raise CacheDamagedError(
+                f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}) is committed but its "
+                "rows read as padding (a lost unit file?); find all damage with `kdcache "
+                "verify` and fix it with `kdcache verify --repair`"
+            )
         raise CacheMismatchError(
             f"cache {cache.path} epoch {epoch} unit {unit} ({u.name}) was "
             "never written; finish it with `kdcache precompute`"

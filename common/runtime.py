@@ -17,11 +17,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu; a named device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise KdcacheError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdcacheError(
             f"--device {name} asked for, but no CUDA device is available; use --device cpu"
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise KdcacheError(
+                f"--device {name} asked for, but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KdcacheError(f"--device {name} asked for, but MPS is not available; use --device cpu")
     return device
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import google_crc32c
 import numpy as np
 
-# 2: a row is bad only when its image is unusable, and says why (statuses 3-5); labels play no
+# 2: a row is bad only when its image is unusable, and says why (statuses 3-6); labels play no
 # part. Version 1 caches read as before: their status 2 covers every reason, unlabelled rows and
 # labels outside the teacher's classes included, and extending one keeps that rule.
 SCHEMA_VERSION = 2
@@ -24,6 +25,7 @@ FORMAT_NAME = "kdcache"
 
 # Row status. Anything but OK is skipped by training.
 PADDING, OK, BAD_INPUT, NO_IMAGE, UNDECODABLE, PARTNER_UNUSABLE = 0, 1, 2, 3, 4, 5
+TOO_LARGE = 6
 STATUS_NAMES = {
     PADDING: "padding",
     OK: "ok",
@@ -31,8 +33,9 @@ STATUS_NAMES = {
     NO_IMAGE: "no image",  # the sample has no image member, or an empty one
     UNDECODABLE: "undecodable",  # the image bytes do not decode
     PARTNER_UNUSABLE: "partner undecodable",  # the mixing partner's image failed to decode
+    TOO_LARGE: "too large",  # more pixels than Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS)
 }
-BAD_STATUSES = (BAD_INPUT, NO_IMAGE, UNDECODABLE, PARTNER_UNUSABLE)
+BAD_STATUSES = (BAD_INPUT, NO_IMAGE, UNDECODABLE, PARTNER_UNUSABLE, TOO_LARGE)
 
 
 def labels_rule(schema_version: int) -> bool:
@@ -78,7 +81,7 @@ ROW_FIELDS: tuple[Field, ...] = (
         "uint8",
         PADDING,
         doc="0 padding, 1 ok, 2 bad input (schema 1), 3 no image, 4 undecodable, "
-        "5 partner undecodable",
+        "5 partner undecodable, 6 too large",
     ),
 )
 SAMPLE_FIELDS: tuple[Field, ...] = (
@@ -95,6 +98,20 @@ SAMPLE_FIELDS: tuple[Field, ...] = (
 )
 VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
 DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit
+# (epochs, units, 2 + row arrays) uint32, one chunk per cell, written just before the done mark:
+# the cell's (epoch, unit), then per row array (ROW_FIELDS order) the crc32c of the unit's rows
+# as committed. A missing, swapped or foreign unit file reads back as other rows: damage. Caches
+# made before it existed (schema 1, and early schema 2) have none and are checked less.
+MANIFEST_ARRAY = "manifest"
+MANIFEST_FILL = 0xFFFFFFFF  # a cell never written: no (epoch, unit) is 2**32 - 1
+
+
+def rows_checksum(values: np.ndarray) -> int:
+    """crc32c of a unit's rows of one array: its C-order little-endian bytes."""
+    data = np.ascontiguousarray(values)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return google_crc32c.value(data.view(np.uint8).reshape(-1) if data.size else b"")
 
 
 def index_dtype(num_classes: int) -> str:

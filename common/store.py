@@ -50,18 +50,52 @@ class Cache:
         self._arrays: dict[str, zarr.Array] = {}
         self._chunk_files: dict[str, ChunkFile | None] = {}
         self._pid = os.getpid()
+        self._has_manifest: bool | None = None
         self.meta: dict[str, Any] = dict(self.group.attrs.get(schema.FORMAT_NAME) or {})
         if not self.meta:
             raise KdcacheError(f"{self.path} is a Zarr group but not a kdcache cache")
         _check_schema_version(self.path, self.meta)
         for key, value in schema.LEGACY_ATTRIBUTES.items():  # older caches mean these
             self.meta.setdefault(key, value)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Refuse attributes that do not agree with the arrays (edited or damaged ones): top-k
+        width, class-index dtype, rows per unit slot and unit counts."""
+        m = self.meta
+        try:
+            k, c, slot, units = int(m["topk"]), int(m["num_classes"]), self.slot, self.units
+            counts = [int(u["count"]) for u in units]
+            logits, index = self.array("topk_logits"), self.array("topk_index")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheDamagedError(
+                f"cache {self.path}: its attributes are incomplete ({type(e).__name__}: {e}); "
+                "restore its zarr.json or re-make the cache"
+            ) from None
+        problems = []
+        if logits.shape[1:] != (len(units) * slot, k) or index.shape[1:] != logits.shape[1:]:
+            problems.append(
+                f"topk {k} and {len(units)} units of {slot} rows, but topk_logits is "
+                f"{tuple(logits.shape[1:])} per epoch"
+            )
+        if not 1 <= k <= c or np.dtype(index.dtype) != np.dtype(schema.index_dtype(c)):
+            problems.append(f"num_classes {c} and topk {k}, but class indices are {index.dtype}")
+        if any(not 0 <= n <= slot for n in counts):
+            problems.append(f"unit counts {counts} do not fit slots of {slot} rows")
+        if problems:
+            raise CacheDamagedError(
+                f"cache {self.path}: its attributes do not agree with its arrays ("
+                + "; ".join(problems)
+                + "); they were edited or damaged: restore them or re-make the cache"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "mode": self.mode, "meta": self.meta}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _group=None, _arrays={}, _chunk_files={}, _pid=os.getpid())
+        self.__dict__.update(
+            state, _group=None, _arrays={}, _chunk_files={}, _pid=os.getpid(), _has_manifest=None
+        )
 
     @property
     def group(self) -> zarr.Group:
@@ -220,7 +254,87 @@ class Cache:
                 if isinstance(values, BaseException):
                     raise values
                 out[name] = values
+        if epoch is None:
+            self._check_samples(unit, out)
+        else:
+            self._check_rows(epoch, unit, out)
         return {name: out[name] for name in names}
+
+    # -- what was committed ----------------------------------------------------------------
+
+    @property
+    def has_manifest(self) -> bool:
+        """Whether the cache records each committed unit's checksums (see :mod:`schema`)."""
+        if self._has_manifest is None:
+            try:
+                self.array(schema.MANIFEST_ARRAY)
+                self._has_manifest = True
+            except KeyError:
+                self._has_manifest = False
+        return self._has_manifest
+
+    def manifest(self, epoch: int, unit: int) -> np.ndarray | None:
+        """(2 + row arrays,) uint32: the cell's (epoch, unit) and each row array's checksum as
+        committed; None for a cache without a manifest. All fill for a unit never committed."""
+        if not self.has_manifest:
+            return None
+        name = schema.MANIFEST_ARRAY
+        try:
+            chunk = self._chunk_file(name)
+            if chunk is not None:
+                return chunk.read((epoch, unit, 0)).reshape(-1)
+            return np.asarray(self.array(name)[epoch, unit])
+        except _READ_ERRORS as e:
+            raise self._damaged(name, epoch, unit, e) from None
+
+    def committed_entry(self, epoch: int, unit: int) -> np.ndarray | None:
+        """The unit's manifest entry, checked to be its own; None without a manifest or for a
+        unit never committed. A committed unit without its own entry is damage."""
+        entry = self.manifest(epoch, unit)
+        if entry is None:
+            return None
+        if (entry == schema.MANIFEST_FILL).all():
+            if not bool(self.array(schema.DONE_ARRAY)[epoch, unit]):
+                return None  # not committed: nothing to compare with (readers check the mark)
+            raise self._damaged(
+                schema.MANIFEST_ARRAY, epoch, unit, ValueError("the unit's checksums are missing")
+            )
+        if (int(entry[0]), int(entry[1])) != (epoch, unit):
+            raise self._damaged(
+                schema.MANIFEST_ARRAY,
+                epoch,
+                unit,
+                ValueError(f"it holds the checksums of epoch {entry[0]} unit {entry[1]}"),
+            )
+        return entry
+
+    def _check_rows(self, epoch: int, unit: int, values: Mapping[str, np.ndarray]) -> None:
+        """Refuse rows that are not the ones committed (a missing, swapped, foreign file)."""
+        entry = self.committed_entry(epoch, unit)
+        if entry is None:
+            return
+        for name, rows in values.items():
+            expected = int(entry[2 + _ROW_NAMES.index(name)])
+            if schema.rows_checksum(rows) != expected:
+                raise self._damaged(
+                    name,
+                    epoch,
+                    unit,
+                    ValueError(
+                        "its rows are not the ones committed (a missing, swapped or foreign file)"
+                    ),
+                )
+
+    def _check_samples(self, unit: int, values: Mapping[str, np.ndarray]) -> None:
+        sums = self.meta.get("sample_checksums")
+        if not sums:
+            return
+        for name, rows in values.items():
+            expected = sums[unit][_SAMPLE_NAMES.index(name)]
+            if schema.rows_checksum(rows) != expected:
+                raise self._damaged(
+                    name, None, unit, ValueError("its rows are not the ones written")
+                )
 
     def _damaged(
         self, name: str, epoch: int | None, unit: int, error: BaseException
@@ -261,6 +375,13 @@ class Cache:
                     record(field.name, None, unit, str(e))
         for epoch, unit in np.argwhere(done):
             epoch, unit = int(epoch), int(unit)
+            try:
+                self.committed_entry(epoch, unit)
+            except CacheDamagedError as e:  # nothing else of the unit can be checked
+                record(schema.MANIFEST_ARRAY, epoch, unit, str(e))
+                if progress:
+                    progress(1)
+                continue
             for field in schema.ROW_FIELDS:
                 try:
                     values = self._read((field.name,), epoch, unit)[field.name]
@@ -296,6 +417,7 @@ class Cache:
         count = int(self.units[unit]["count"])
         selection = (epoch, slice(unit * self.slot, (unit + 1) * self.slot))
         writes = []
+        entry = [epoch, unit]
         for field in schema.ROW_FIELDS:
             arr = self.array(field.name)
             data = np.asarray(rows[field.name], dtype=arr.dtype)
@@ -304,6 +426,7 @@ class Cache:
             full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
             full[:count] = data
             writes.append((arr.async_array, full))
+            entry.append(schema.rows_checksum(full[:count]))
 
         async def write(array: Any, values: np.ndarray) -> None:
             await array.setitem(selection, values)
@@ -313,6 +436,8 @@ class Cache:
             await asyncio.gather(*(write(a, v) for a, v in writes))
 
         zarr_sync(write_all())
+        if self.has_manifest:
+            self.array(schema.MANIFEST_ARRAY)[epoch, unit] = np.array(entry, dtype=np.uint32)
         faults.point("commit")
         self.array(schema.DONE_ARRAY)[epoch, unit] = 1
         faults.point("committed")
@@ -321,8 +446,9 @@ class Cache:
         """Allocate ``epochs`` epochs in total (metadata only: no row is rewritten)."""
         if epochs <= self.epochs:
             return
-        for field in schema.ROW_FIELDS:
-            arr = self.array(field.name)
+        names = [f.name for f in schema.ROW_FIELDS]
+        for name in names + ([schema.MANIFEST_ARRAY] if self.has_manifest else []):
+            arr = self.array(name)
             arr.resize((epochs, *arr.shape[1:]))
             faults.point("extend")
         # The done array grows last: until it has, the cache reads as the old size, and the
@@ -362,6 +488,13 @@ class Cache:
             "topk": m["topk"],
             "num_classes": m["num_classes"],
             "teacher_image_size": m["teacher_image_size"],
+            "integrity": (
+                "manifest: every committed unit file is checked against the checksums recorded "
+                "when it was committed"
+                if self.has_manifest
+                else "chunk checksums only (made before manifests): a damaged chunk is found, "
+                "a lost or swapped unit file of some arrays may not be"
+            ),
             "teacher_input": self.teacher_input.describe(),
             "teacher_random_init": m.get("teacher_random_init"),  # None: not recorded (schema 1)
             "bad_row_rule": (
@@ -427,8 +560,11 @@ def create_cache(
     slot = schema.slot_size(max_count, chunk_rows)
     meta = {**meta, "slot": slot, "chunk_rows": chunk_rows, "schema_version": schema.SCHEMA_VERSION}
     rows = slot * len(units)
+    # The group is born with the creation marker (one write), so a creation killed at any point
+    # is recognised as one and redone.
+    creating = {_CREATING: True}
     try:
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=creating)
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
         if not _half_created(path):
             raise KdcacheError(
@@ -436,10 +572,9 @@ def create_cache(
             ) from None
         # A creation that was killed: nothing in it can be done yet, start it over.
         log.warning("%s is a cache whose creation was interrupted; creating it again", path)
-        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group = zarr.open_group(path, mode="w", zarr_format=3, attributes=creating)
     except PermissionError as e:
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
-    group.attrs[_CREATING] = True  # until the kdcache attributes below replace it
     k, c = int(meta["topk"]), int(meta["num_classes"])
     for field in schema.ROW_FIELDS:
         trail = schema.trailing_shape(field, k)
@@ -455,6 +590,7 @@ def create_cache(
             fill_value=field.fill,
             dimension_names=("epoch", "row", *[f"d{i}" for i in range(len(trail))]),
         )
+    sums = [[] for _ in units]
     for field in schema.SAMPLE_FIELDS:
         trail = schema.trailing_shape(field, k)
         arr = group.create_array(
@@ -472,7 +608,18 @@ def create_cache(
             full[u * slot : u * slot + int(unit["count"])] = sample_rows[field.name][
                 start : start + int(unit["count"])
             ]
+            sums[u].append(schema.rows_checksum(full[u * slot : u * slot + int(unit["count"])]))
         arr[:] = full
+    meta["sample_checksums"] = sums  # per unit, per sample array (SAMPLE_FIELDS order)
+    group.create_array(
+        schema.MANIFEST_ARRAY,
+        shape=(epochs, len(units), 2 + len(schema.ROW_FIELDS)),
+        dtype="uint32",
+        chunks=(1, 1, 2 + len(schema.ROW_FIELDS)),
+        fill_value=schema.MANIFEST_FILL,
+        compressors=_compressors(),
+        dimension_names=("epoch", "unit", "entry"),
+    )
     group.create_array(
         schema.DONE_ARRAY,
         shape=(epochs, len(units)),
@@ -489,6 +636,8 @@ def create_cache(
 
 
 _CREATING = "kdcache_creating"
+_ROW_NAMES = [f.name for f in schema.ROW_FIELDS]
+_SAMPLE_NAMES = [f.name for f in schema.SAMPLE_FIELDS]
 
 
 def _half_created(path: str) -> bool:
@@ -507,3 +656,8 @@ def open_cache(path: str, mode: str = "r") -> Cache:
         return Cache(path, mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise KdcacheError(f"{path} is not a Zarr group (is it a kdcache cache?)") from None
+    except (ValueError, TypeError) as e:  # a truncated or edited zarr.json (JSON errors included)
+        raise CacheDamagedError(
+            f"cannot read the cache's metadata {path}/zarr.json ({type(e).__name__}: {e}); "
+            "it is damaged: restore it or re-make the cache"
+        ) from None

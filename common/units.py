@@ -9,6 +9,7 @@ needs and their mixing partners, and renders. Objects here are created inside Da
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -26,10 +27,18 @@ log = logging.getLogger(__name__)
 
 class UnitReader:
     """Reads units of ``index`` on demand; keeps the last ``capacity`` units' samples and,
-    within a byte budget, the decoded images (a mixup partner is usually decoded already)."""
+    within a byte budget, the decoded images (a mixup partner is usually decoded already).
+    ``strict``: a shard without its tar end blocks is an error, not a warning."""
 
-    def __init__(self, index: DatasetIndex, capacity: int = 4, image_budget: int = 256 << 20):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        capacity: int = 4,
+        image_budget: int = 256 << 20,
+        strict: bool = False,
+    ):
         self.index = index
+        self.strict = strict
         self.capacity = capacity
         self.image_budget = image_budget
         self._units: OrderedDict[int, list[Sample]] = OrderedDict()
@@ -40,12 +49,13 @@ class UnitReader:
         if unit in self._units:
             self._units.move_to_end(unit)
             return self._units[unit]
-        samples = read_unit(self.index.units[unit].url)
+        url = self.index.units[unit].url
+        samples = read_unit(url, strict=self.strict)
         expected = self.index.units[unit].count
         if len(samples) != expected:
             raise KdcacheError(
-                f"shard {self.index.units[unit].url} now holds {len(samples)} samples, the index "
-                f"says {expected}; the data changed since it was indexed: run `kdcache index`"
+                f"shard {url} now holds {len(samples)} samples but its index says {expected}, "
+                "so it changed after it was indexed: re-index it with `kdcache index DATA`"
             )
         self._units[unit] = samples
         while len(self._units) > self.capacity:
@@ -61,7 +71,14 @@ class UnitReader:
 
     def decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], dict[int, int]]:
         """Decode global ``indices`` -> ({index: RGB image}, {index that failed: why}), the
-        reason a row status (:data:`schema.NO_IMAGE` or :data:`schema.UNDECODABLE`)."""
+        reason a row status (:data:`schema.NO_IMAGE`, :data:`schema.UNDECODABLE`, or
+        :data:`schema.TOO_LARGE` over Pillow's pixel limit, ``Image.MAX_IMAGE_PIXELS``: above it,
+        not only above twice it where Pillow refuses)."""
+        with warnings.catch_warnings():  # Pillow's warning between 1x and 2x the limit: too large
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return self._decode(indices)
+
+    def _decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], dict[int, int]]:
         images: dict[int, Image.Image] = {}
         failed: dict[int, int] = {}
         for i in sorted(set(int(i) for i in indices)):
@@ -76,6 +93,19 @@ class UnitReader:
                 continue
             try:
                 images[i] = decode_image(sample.data)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                height, width = (int(v) for v in self.index.size[i])
+                log.warning(
+                    "sample %s (%s) is %dx%d, over Pillow's limit of %s pixels "
+                    "(PIL.Image.MAX_IMAGE_PIXELS); marked too large",
+                    sample.key,
+                    i,
+                    width,
+                    height,
+                    Image.MAX_IMAGE_PIXELS,
+                )
+                failed[i] = schema.TOO_LARGE
+                continue
             except (OSError, ValueError, SyntaxError) as e:
                 log.warning("cannot decode sample %s (%s): %s", sample.key, i, e)
                 failed[i] = schema.UNDECODABLE

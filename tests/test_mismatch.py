@@ -8,11 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import NUM_CLASSES, TEACHER, TRAIN_SHARDS, cache_config, copy_tree, write_split
 
+from kdcache import schema
 from kdcache.cache import precompute
 from kdcache.data.index import load_index
-from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
 from kdcache.models import create_model
 from kdcache.replay import cached_unit_views
 from kdcache.store import open_cache
@@ -175,18 +177,29 @@ def test_precompute_on_other_data_is_refused(tmp_path, tiny_cache):
         precompute(cache_config(str(data), cache))
 
 
-def test_tampered_rows_are_refused(tmp_path, tiny_cache, train_dir):
+@pytest.mark.parametrize("manifest", [True, False])
+def test_tampered_rows_are_refused(tmp_path, tiny_cache, train_dir, manifest):
+    """Rows rewritten in place: damage against the manifest; in a cache without one (made
+    before manifests) the view seeds and key hashes still catch them."""
     path = copy_tree(tiny_cache, tmp_path / "c.zarr")
+    if not manifest:
+        shutil.rmtree(os.path.join(path, schema.MANIFEST_ARRAY))
+        group = zarr.open_group(path, mode="r+")
+        meta = dict(group.attrs["kdcache"])
+        del meta["sample_checksums"]
+        group.attrs["kdcache"] = meta
     index = load_index(train_dir)
     cache = open_cache(path, mode="a")
+    assert cache.has_manifest == manifest
     seed = cache.array("seed")
     seed[0, 1] = seed[0, 1] + 1
     cached_unit_views(cache, index, 1, 0)  # other units still fine
-    with pytest.raises(CacheMismatchError, match="seeds"):
+    error = CacheDamagedError if manifest else CacheMismatchError
+    with pytest.raises(error, match="'seed', epoch 0 unit 0" if manifest else "seeds"):
         cached_unit_views(open_cache(path), index, 0, 0)
     keys = cache.array("key_hash")
     keys[cache.slot] = keys[cache.slot] + 1
-    with pytest.raises(CacheMismatchError, match="key hashes"):
+    with pytest.raises(error, match="'key_hash', unit 1" if manifest else "key hashes"):
         cached_unit_views(open_cache(path), index, 1, 0)
 
 

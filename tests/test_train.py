@@ -103,7 +103,11 @@ def test_existing_run_needs_resume(runs, train_dir, val_dir, tiny_cache):
 def test_resume_continues_exactly(tmp_path, train_dir, val_dir, tiny_cache):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     fit(train_cfg(train_dir, val_dir, resumed, "cached", tiny_cache, epochs=1))
-    fit(train_cfg(train_dir, val_dir, resumed, "cached", tiny_cache, epochs=2, resume=True))
+    fit(
+        train_cfg(
+            train_dir, val_dir, resumed, "cached", tiny_cache, epochs=2, resume=True, extend=True
+        )
+    )
     fit(train_cfg(train_dir, val_dir, straight, "cached", tiny_cache, epochs=2))
     a, b = read_metrics(resumed), read_metrics(straight)
     assert [m["epoch"] for m in a] == [1, 2] and [m["epoch"] for m in b] == [1, 2]

@@ -254,7 +254,6 @@ def stage_loader(c: dict) -> dict:
                 spec=cache.spec,
                 plan_seed=cache.plan_seed,
                 cache=cache if cached else None,
-                need_labels=not cached,
             )
         )
 

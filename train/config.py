@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from kdcache.errors import KdcacheError
 from kdcache.views import MIN_IMAGE_SIZE
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 TEACHER_MODES = ("cached", "online", "fixed", "independent", "none")
 # The student's views when --views is not given (cached mode: the cache decides). The fixed and
 # independent teachers of Beyer et al. 2022 are shown with crop + flip and no mixing.
@@ -56,6 +59,7 @@ class TrainConfig:
     limit: int | None = None  # train on the first N samples only
     strict: bool = False  # unusable rows are errors instead of skipped and counted
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    extend: bool = False  # --resume with more --epochs: the schedule is recomputed over them
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
     def validate(self) -> None:
@@ -86,15 +90,28 @@ class TrainConfig:
                 ("workers", self.workers, 0),
                 ("num_classes", self.num_classes, 2),
                 ("window", self.window, 1),
-                ("lr", self.lr, 0.0),
-                ("weight_decay", self.weight_decay, 0.0),
-                ("warmup", self.warmup, 0.0),
-                ("clip_grad", self.clip_grad, 0.0),
+                ("seed", self.seed, 0),
+                ("plan_seed", self.plan_seed, 0),
             )
             if value is not None and value < low
         ]
-        if not self.temperature > 0:
-            problems.append(f"--temperature must be positive, got {self.temperature}")
+        for name, low, positive in (
+            ("lr", 0.0, True),
+            ("weight_decay", 0.0, False),
+            ("warmup", 0.0, False),
+            ("clip_grad", 0.0, False),
+            ("temperature", 0.0, True),
+        ):
+            value = getattr(self, name)
+            option = "--" + name.replace("_", "-")
+            if not math.isfinite(value):
+                problems.append(f"{option} must be a finite number, got {value}")
+            elif value < low or (positive and value == low):
+                problems.append(
+                    f"{option} must be {'positive' if positive else 'at least 0'}, got {value}"
+                )
+        if not _DEVICE.fullmatch(str(self.device)):
+            problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for name in ("image_size", "teacher_image_size"):
             value = getattr(self, name)
             if value not in (None, "auto") and int(value) < MIN_IMAGE_SIZE:

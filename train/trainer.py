@@ -1,16 +1,20 @@
 """The student loop: one data path for every teacher mode, targets from where the mode says.
 
-``fit(cfg)`` trains ``cfg.epochs`` epochs and writes the run directory: ``config.json``,
-``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (every epoch, written
-atomically; ``--resume`` continues from it) and ``model.pt`` (the student's state dict).
+``fit(cfg)`` trains ``cfg.epochs`` epochs and writes the run directory: ``config.json``
+(written on a fresh start only), ``metrics.jsonl`` (one JSON object per epoch),
+``steps.jsonl``, ``model.pt`` (the student's state dict) and ``checkpoint.pt`` (every epoch,
+written atomically after ``model.pt``: it commits the epoch; ``--resume`` continues from it).
+Rank 0 holds ``OUT.lock`` (:func:`kdcache.lock.output_lock`) for the whole run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +30,7 @@ from kdcache import targets as T
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.lock import output_lock, process_running
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
@@ -134,6 +139,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
         num_classes = teacher.num_classes
     if num_classes is None:  # hard labels, no teacher: the labels' classes
         num_classes = label_classes
+        _check_class_count(index, val, label_classes)
     if num_classes < 2:
         raise KdcacheError(
             f"{cfg.data} has {num_classes} labelled classes; label the data or set --num-classes"
@@ -180,6 +186,21 @@ def _check_labels(index: DatasetIndex, num_classes: int, limit: int | None) -> N
             f"the first is sample {i} (position {i - u.start} of shard {u.name}): {what}. "
             "Label the data (or set --num-classes), or distil from a teacher: the teacher modes "
             "need no labels"
+        )
+
+
+def _check_class_count(index: DatasetIndex, val: DatasetIndex, label_classes: int) -> None:
+    """A class count taken from the labels (largest + 1) is refused when it is far above the
+    number of distinct labels, more than ``2 * distinct + 10`` (one stray label 99999 would
+    make a 100,000-class student); ``--num-classes`` says it is meant."""
+    labels = np.concatenate([index.label, val.label])
+    distinct = len(np.unique(labels[labels >= 0]))
+    if label_classes > 2 * distinct + 10:
+        raise KdcacheError(
+            f"the largest label is {label_classes - 1}, which would make a {label_classes}-class "
+            f"student, but the data ({index.num_samples} train and {val.num_samples} val "
+            f"samples) has only {distinct} distinct labels; fix the stray labels, or pass "
+            f"--num-classes {label_classes} if that many classes are meant"
         )
 
 
@@ -250,20 +271,139 @@ def _zero_loss(student: torch.nn.Module, size: int, device: torch.device) -> tor
 
 
 def _save_atomic(obj: Any, path: str) -> None:
+    """Write ``path`` by rename; on a failed write (a full disk) the temp file is removed, the
+    previous ``path`` stays as it was, and the error is one sentence naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        elif "write" in str(e).lower():  # torch's zip writer: "... file write failed"
+            reason = str(e).strip().splitlines()[-1]
+        else:
+            raise
+        raise KdcacheError(
+            f"cannot write {path}: {reason}; the previous {os.path.basename(path)} is intact "
+            "(make room, then re-run the same command with --resume)"
+        ) from None
 
 
-def _prepare_out(cfg: TrainConfig) -> None:
+# Options that change what a run computes: --resume refuses another value of any of them.
+# Those not listed (workers, device, checkpoint_every, strict, resume, command, out) may change;
+# epochs may grow with --extend.
+RUN_OPTIONS = (
+    "data",
+    "val",
+    "student",
+    "student_weights",
+    "teacher_mode",
+    "teacher",
+    "teacher_weights",
+    "cache",
+    "views",
+    "plan_seed",
+    "seed",
+    "image_size",
+    "teacher_image_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "clip_grad",
+    "temperature",
+    "window",
+    "limit",
+    "num_classes",
+    "student_mean",
+    "student_std",
+    "teacher_mean",
+    "teacher_std",
+    "label_map",
+)
+
+
+def _prepare_out(cfg: TrainConfig, held: contextlib.ExitStack) -> None:
+    """Rank 0, before any work: create and lock the run directory (the lock is held until
+    ``held`` closes), refuse a resume that would change the run, and clean up after a killed
+    one (temp files of dead processes; the logs of a run that never checkpointed)."""
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise KdcacheError(f"cannot create the run directory {cfg.out}: {e.strerror}") from None
+    held.enter_context(output_lock(cfg.out, "run directory"))
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     if os.path.exists(ckpt) and not cfg.resume:
         raise KdcacheError(
             f"{cfg.out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    _remove_stale_temp_files(cfg.out)
+    if not os.path.exists(ckpt):  # a start from scratch: epoch 1 must not be logged twice
+        _cut_logs(cfg.out, _Position())
+        return
+    _check_resume(cfg, ckpt)
+
+
+def _remove_stale_temp_files(out: str) -> None:
+    """``NAME.tmpPID`` files of processes that no longer run (a kill mid-write)."""
+    for name in os.listdir(out):
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and int(m.group(1)) != os.getpid() and not process_running(int(m.group(1))):
+            log.info("removing %s, left by a process that is gone", name)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _check_resume(cfg: TrainConfig, ckpt: str) -> None:
+    """Refuse ``--resume`` with options that change the run, naming each with both values.
+
+    The run's options are its ``config.json`` (the checkpoint's copy when that is missing);
+    the epochs it was last set to are the checkpoint's (an ``--extend`` raises them).
+    """
+    try:  # mmap: only the small dicts are read, not the tensors
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a checkpoint is replaced atomically: this is not a torn write
+        raise KdcacheError(f"cannot read {ckpt}: {e}; it is damaged, start a new run") from None
+    last = state.get("config") or {}
+    try:
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = last
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as config.json has them
+    changed = [
+        f"--{key.replace('_', '-')} {_show(now[key])} (the run has {_show(saved[key])})"
+        for key in RUN_OPTIONS
+        if key in saved
+        and saved[key] != now[key]
+        # config.json holds the resolved class count: unset means "the same as before"
+        and not (key == "num_classes" and now[key] is None)
+    ]
+    epochs, done = int(last.get("epochs", saved.get("epochs", cfg.epochs))), int(state["epoch"])
+    if cfg.epochs > epochs and not cfg.extend:
+        changed.append(
+            f"--epochs {cfg.epochs} (the run has {epochs}: pass --extend to train it longer, "
+            f"the schedule is then recomputed over {cfg.epochs} epochs)"
+        )
+    elif done < cfg.epochs < epochs:
+        changed.append(
+            f"--epochs {cfg.epochs} (the run has {epochs}: fewer epochs would change its schedule)"
+        )
+    if changed:
+        raise KdcacheError(
+            f"--resume would change the run in {cfg.out}: {'; '.join(changed)}; resume with "
+            "the run's options (its config.json), or choose another --out"
         )
 
 
@@ -286,10 +426,21 @@ def fit(
     """Train a student as ``cfg`` says. Returns the final metrics and the run directory."""
     cfg.validate()
     place, device_name = dist.setup(cfg.device)
-    if place.main:
-        _prepare_out(cfg)
-    place.barrier()
     device = resolve_device(device_name)
+    with contextlib.ExitStack() as held:  # rank 0 holds the run directory's lock throughout
+        if place.main:
+            _prepare_out(cfg, held)
+        place.barrier()
+        return _fit(cfg, place, device, on_step, on_epoch)
+
+
+def _fit(
+    cfg: TrainConfig,
+    place: Dist,
+    device: torch.device,
+    on_step: StepHook | None,
+    on_epoch: EpochHook | None,
+) -> dict[str, Any]:
     run = _resolve(cfg)
     if run.teacher is not None:
         run.teacher.module = prepare_model(run.teacher.module, device, eval_mode=True)
@@ -318,12 +469,15 @@ def fit(
         optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
     )
     pos = _resume(cfg, bare, optimizer, schedule, place)
-    if place.main:
-        _write_config(cfg, run, student_input)
+    fresh = (pos.epoch, pos.step) == (0, 0)
+    if place.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
+        _write_config(cfg, run, student_input)  # the run's original options: never rewritten
     save = _Saver(cfg, bare, optimizer, schedule, place)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
+        if place.main and pos.step == 0:  # model.pt is the checkpoint's model, whatever came before
+            _save_atomic(bare.state_dict(), os.path.join(cfg.out, "model.pt"))
     while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
         epoch = pos.epoch
@@ -373,7 +527,9 @@ class _Saver:
 
     Losses stay on the device until a checkpoint or the epoch's end (one sync then, none per
     step). Files are appended before the checkpoint that covers them is replaced, and a resume
-    cuts them back to the checkpoint, so a kill at any point leaves them consistent.
+    cuts them back to the checkpoint, so a kill at any point leaves them consistent. At an
+    epoch's end ``model.pt`` is written before ``checkpoint.pt``: the checkpoint commits the
+    epoch, so a checkpoint of the last epoch always comes with that epoch's ``model.pt``.
     """
 
     def __init__(
@@ -390,6 +546,17 @@ class _Saver:
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
         self.losses.append((epoch, step, loss.detach()))
+
+    def first_nonfinite(self) -> tuple[int, int, float] | None:
+        """(epoch, step, loss), 1-based, of this rank's first non-finite loss not yet flushed."""
+        if not self.losses:
+            return None
+        values = torch.stack([loss for _, _, loss in self.losses])
+        bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+        if not bad:
+            return None
+        epoch, step, _ = self.losses[bad[0]]
+        return epoch + 1, step + 1, float(values[bad[0]])
 
     def _flush_losses(self) -> None:
         if self.losses and self.place.main:
@@ -419,12 +586,31 @@ class _Saver:
         )
 
     def epoch_end(self, metrics: dict[str, Any], pos: _Position) -> None:
+        self._flush_losses()
         if self.place.main:
             with open(os.path.join(self.cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        self.checkpoint(pos)
-        if self.place.main:
             _save_atomic(self.model.state_dict(), os.path.join(self.cfg.out, "model.pt"))
+        self.checkpoint(pos)  # the commit: a kill before it redoes the epoch
+
+
+def _check_finite(total: float, save: _Saver, epoch: int, done: int) -> None:
+    """Stop before any checkpoint is written once the loss is not finite (``total``: the
+    epoch's loss sum over ranks, synced here anyway)."""
+    if math.isfinite(total):
+        return
+    first = save.first_nonfinite()
+    where = (
+        f"a loss of {first[2]} at epoch {first[0]}, step {first[1]}"
+        if first
+        else f"a non-finite loss on another rank in epoch {epoch + 1}, by step {done}"
+    )
+    raise KdcacheError(
+        f"training stopped at {where}; nothing was saved after it, so "
+        f"{os.path.join(save.cfg.out, 'checkpoint.pt')} (if any) holds the last good state: "
+        "check the data and options (a lower --lr, a longer --warmup, --clip-grad) and start "
+        "a new run"
+    )
 
 
 def _train_epoch(
@@ -504,6 +690,7 @@ def _train_epoch(
             sums = place.sum(
                 [float(total_loss), images, skipped, time.perf_counter() - started], device
             )
+            _check_finite(sums[0], save, epoch, done)
             save.checkpoint(
                 _Position(
                     epoch,
@@ -518,6 +705,7 @@ def _train_epoch(
     loss_sum, images, skipped, seconds = place.sum(
         [float(total_loss), images, skipped, seconds], device
     )
+    _check_finite(loss_sum, save, epoch, len(batches))
     # The ranks ran side by side; a resumed epoch adds what its first part did.
     seconds = pos.seconds + seconds / place.world
     loss_sum, images, skipped = pos.loss_sum + loss_sum, pos.images + images, pos.skipped + skipped
@@ -567,6 +755,9 @@ def _resume(
         ) from None
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    before = state.get("config", {}).get("epochs", cfg.epochs)
+    if cfg.epochs > before:  # --extend (checked by _prepare_out)
+        _recompute_schedule(cfg, optimizer, schedule, before)
     torch.set_rng_state(state["rng"])
     pos = _Position(**state.get("position", {"epoch": state["epoch"]}))
     if not place.main:  # rank 0 carries the partial epoch's sums (they are over all ranks)
@@ -575,6 +766,31 @@ def _resume(
         _cut_logs(cfg.out, pos)
     log.info("resumed %s at epoch %d, step %d", cfg.out, pos.epoch + 1, pos.step)
     return pos
+
+
+def _recompute_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, schedule: Any, before: int
+) -> None:
+    """``--extend``: the warm-up and cosine schedule are those of a run of the new ``--epochs``
+    (the scheduler was built with them), continued from the current step; the lr of the next
+    step is set to that curve's value (it jumps up when the old cosine had decayed further)."""
+    step = schedule.last_epoch
+    old = optimizer.param_groups[0]["lr"]
+    for group, base, factor in zip(
+        optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(step)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log.info(
+        "--extend: %d -> %d epochs; the schedule is recomputed over %d epochs from step %d "
+        "(lr %.3g -> %.3g)",
+        before,
+        cfg.epochs,
+        cfg.epochs,
+        step,
+        old,
+        optimizer.param_groups[0]["lr"],
+    )
 
 
 def _cut_logs(out: str, pos: _Position) -> None:

@@ -20,6 +20,8 @@ import io
 import json
 import logging
 import os
+import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO
@@ -41,13 +43,32 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+_PIXEL_LIMIT = threading.Lock()  # image_size lifts Pillow's limit only for one header
+
+
 def image_size(data: bytes | None) -> tuple[int, int]:
-    """(height, width) from the image header; (0, 0) when there is no readable image."""
+    """(height, width) from the image header; (0, 0) when there is no readable image.
+
+    An image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) has its true size too: its
+    header is read again with the limit lifted (and restored at once); decoding it is what
+    marks it bad (status ``too large``).
+    """
     if not data:
         return 0, 0
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    width, height = im.size
+        except Image.DecompressionBombError:
+            with _PIXEL_LIMIT:
+                limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        width, height = im.size
+                finally:
+                    Image.MAX_IMAGE_PIXELS = limit
         return height, width
     except (OSError, ValueError, SyntaxError):
         return 0, 0
@@ -190,8 +211,14 @@ def _index_path_candidates(urls: list[str]) -> list[str]:
     return [here, user]
 
 
-def build_index(urls: list[str], progress: Callable[[int], None] | None = None) -> DatasetIndex:
-    """Read every shard once. progress: called with each finished shard's sample count."""
+def build_index(
+    urls: list[str], progress: Callable[[int], None] | None = None, strict: bool = False
+) -> DatasetIndex:
+    """Read every shard once. progress: called with each finished shard's sample count.
+
+    A shard without its tar end blocks is indexed with the samples it holds and said in a
+    warning naming it, or refused when ``strict``; a key repeated inside a shard is an error.
+    """
     units, keys, labels, sizes = [], [], [], []
     seen: dict[int, str] = {}
     start = 0
@@ -199,7 +226,7 @@ def build_index(urls: list[str], progress: Callable[[int], None] | None = None) 
         size, marker = fs.stamp(url)
         with fs.open_binary(url) as f:
             reader = _HashingReader(f)
-            samples = read_samples(reader, url)
+            samples = read_samples(reader, url, strict=strict)
             content_hash = reader.hexdigest()
         name = fs.basename(url)
         units.append(Unit(name, fs.absolute(url), start, len(samples), content_hash, size, marker))
