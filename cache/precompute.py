@@ -123,11 +123,13 @@ class _WorkBatches(Dataset):
         batches: list[tuple[int, int, int, int]],
         convention: InputConvention,
         labels_rule: int | None,
+        strict: bool = False,
     ):
         """labels_rule: None, or the class count of a schema-1 cache being extended, whose rule
         also marks rows without a label, or with one outside the classes, bad."""
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
         self.batches, self.convention, self.labels_rule = batches, convention, labels_rule
+        self.strict = strict  # a shard cut short: an error, not a warning
         self._reader: UnitReader | None = None
 
     def __len__(self) -> int:
@@ -136,7 +138,7 @@ class _WorkBatches(Dataset):
     def __getitem__(self, b: int) -> dict:
         epoch, unit, lo, hi = self.batches[b]
         if self._reader is None:
-            self._reader = UnitReader(self.index, capacity=2)
+            self._reader = UnitReader(self.index, capacity=2, strict=self.strict)
         u = self.index.units[unit]
         sizes = self.index.size[u.start : u.start + u.count]
         views = sample_unit_views(self.spec, self.plan_seed, epoch, u.start, sizes).take(
@@ -248,7 +250,7 @@ def _precompute(
     device: torch.device,
     progress: Progress | None,
 ) -> dict:
-    index = load_index(cfg.data, known=lambda: _stored_index(cfg.out))
+    index = load_index(cfg.data, known=lambda: _stored_index(cfg.out), strict=cfg.strict)
     size = resolve_image_size(cfg.teacher_image_size, index.short_sides, "--teacher-image-size")
     teacher = load_model(
         cfg.teacher,
@@ -347,7 +349,9 @@ def _run(
     progress: Progress | None,
 ) -> dict:
     labels_rule = cache.num_classes if schema.labels_rule(cache.schema_version) else None
-    dataset = _WorkBatches(index, spec, cfg.plan_seed, size, batches, convention, labels_rule)
+    dataset = _WorkBatches(
+        index, spec, cfg.plan_seed, size, batches, convention, labels_rule, cfg.strict
+    )
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -548,9 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="an unusable image (no image, undecodable, a mixing partner that does not decode) "
-        "is an error; by default such rows are marked bad in the cache with their reason, "
-        "counted, and skipped by training. Labels are never needed",
+        help="an unusable image (no image, undecodable, too large, a mixing partner that does "
+        "not decode) or a shard cut short (no end-of-archive blocks) is an error; by default "
+        "such rows are marked bad in the cache with their reason, counted, and skipped by "
+        "training, and a cut shard is a warning. Labels are never needed",
     )
     _device(p)
     _common(p, smoke=True)
@@ -709,7 +710,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--strict",
         action="store_true",
-        help="unusable rows (bad input, unreadable images) are errors, not skipped",
+        help="unusable rows (bad in the cache, unreadable images) and shards cut short are "
+        "errors, not skipped or warned about",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -882,6 +884,17 @@ def _interrupted(args: argparse.Namespace) -> int:
     return 143 if _stopped_by else 130
 
 
+def _message(e: Exception) -> str:
+    """The error's own sentence. An error raised in a DataLoader worker reaches the main
+    process re-raised with the worker's traceback as its text: keep its last line only."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = f"{type(e).__module__}.{type(e).__name__}: "
+    return last.removeprefix(name).removeprefix(f"{type(e).__name__}: ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
@@ -892,7 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KdcacheError as e:
         if args.debug:
             raise
-        print(f"kdcache {args.command}: error: {e}", file=sys.stderr)
+        print(f"kdcache {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # unwritable output, full disk, missing file: the OS said it best
         if args.debug:

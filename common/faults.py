@@ -5,6 +5,7 @@ process kill itself with SIGKILL at that point, as a preempted machine would, wi
 ``KDCACHE_FAULT_SIGNAL=SIGTERM`` (or ``SIGINT``) sends that signal instead, to test a clean stop.
 Unset (always, outside tests) it costs one dictionary lookup. Points:
 
+- ``group``: a new cache's group exists (with its creation marker), no array yet;
 - ``create``: a new cache's arrays exist, its attributes not yet;
 - ``batch``: the teacher finished a batch;
 - ``write``: a unit's row array was written (the N-th array write of the job; a unit's arrays

@@ -575,6 +575,7 @@ def create_cache(
         group = zarr.open_group(path, mode="w", zarr_format=3, attributes=creating)
     except PermissionError as e:
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
+    faults.point("group")
     k, c = int(meta["topk"]), int(meta["num_classes"])
     for field in schema.ROW_FIELDS:
         trail = schema.trailing_shape(field, k)

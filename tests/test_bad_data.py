@@ -299,3 +299,22 @@ def test_a_too_large_image_is_a_bad_row_of_its_own(small_pixel_limit, large_data
     ]
     assert schema.STATUS_NAMES[schema.TOO_LARGE] == "too large"
     assert schema.TOO_LARGE in schema.BAD_STATUSES
+
+
+def test_strict_jobs_refuse_a_cut_shard_in_one_line(tmp_path):
+    """--strict reaches the shard reader, in the index and in DataLoader workers alike."""
+    from conftest import run_cli
+
+    path = write_tar(str(tmp_path / "train-000000.tar"), sample_members(4))
+    cut(path, member_end(path, 5))  # 3 of 4 samples, no end blocks
+    argv = ("precompute", "--data", path, "--teacher", "kdcache:tiny_cnn", "--epochs", "1",
+            "--num-classes", "4", "--teacher-image-size", "16", "--device", "cpu", "--strict")  # fmt: skip
+    code, _, err = run_cli(*argv, "--out", tmp_path / "a.zarr", "--workers", "0")
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and path in lines[0], err  # while indexing
+    assert run_cli("index", path)[0] == 0  # indexed with a warning: now the readers meet it
+    for workers in ("0", "1"):
+        code, _, err = run_cli(*argv, "--out", tmp_path / f"c{workers}.zarr", "--workers", workers)
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert path in lines[0] and "end-of-archive" in lines[0]

@@ -32,9 +32,9 @@ def fresh_machine(tmp_path, train_dir, monkeypatch):
     built: list[list[str]] = []
     real = index_module.build_index
 
-    def recording(urls, progress=None):
+    def recording(urls, progress=None, **kw):
         built.append(list(urls))
-        return real(urls, progress)
+        return real(urls, progress, **kw)
 
     monkeypatch.setattr(index_module, "build_index", recording)
     return str(shards), cache, original, built

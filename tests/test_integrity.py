@@ -145,3 +145,18 @@ def test_a_truncated_root_zarr_json_is_one_sentence(tmp_path, tiny_cache):
     code, _, err = run_cli("inspect", cache)
     lines = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and "zarr.json" in lines[0] and "Traceback" not in err
+
+
+def test_a_second_precompute_on_a_held_cache_says_who_holds_it(tmp_path, train_dir):
+    from kdcache.lock import output_lock
+
+    out = str(tmp_path / "c.zarr")
+    argv = ("precompute", "--data", train_dir, "--teacher", TEACHER, "--out", out, "--epochs",
+            "1", "--teacher-image-size", "16", "--workers", "0", "--device", "cpu")  # fmt: skip
+    with output_lock(out, "cache"):  # another job (here: this process) holds it
+        code, _, err = run_cli(*argv)
+        assert code == 2 and f"pid {os.getpid()}" in err and "in use" in err
+        assert not os.path.exists(out)  # nothing was created or wiped
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    assert not os.path.exists(out + ".lock")

@@ -82,7 +82,9 @@ def test_cache_on_s3_precompute_train_verify(s3, tmp_path, monkeypatch):
     indexed: list[str] = []
     build = index_module.build_index
     monkeypatch.setattr(
-        index_module, "build_index", lambda urls, p=None: indexed.extend(urls) or build(urls, p)
+        index_module,
+        "build_index",
+        lambda urls, p=None, **kw: indexed.extend(urls) or build(urls, p, **kw),
     )
     result = fit(
         TrainConfig(

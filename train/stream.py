@@ -47,6 +47,7 @@ class StreamSpec:
     teacher_stream: int | None = None  # independent mode: the teacher's own views
     student_input: InputConvention = IMAGENET  # each model's own normalisation
     teacher_input: InputConvention = IMAGENET
+    strict: bool = False  # a shard cut short is an error, not a warning
 
 
 class TrainBatches(Dataset):
@@ -69,7 +70,7 @@ class TrainBatches(Dataset):
     def __getitem__(self, b: int) -> dict:
         s = self.s
         if self._reader is None:  # created in the worker: it holds open files and images
-            self._reader = UnitReader(s.index, capacity=8)
+            self._reader = UnitReader(s.index, capacity=8, strict=s.strict)
         rows = np.asarray(s.batches[b], dtype=np.int64)
         views, ok, targets, teacher_views = self._gather(rows)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))

@@ -70,7 +70,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
     cache, cache_epochs = None, []
     if cfg.teacher_mode in ("cached", "fixed"):
         cache = open_cache(cfg.cache)
-    index = load_index(cfg.data, known=cache.dataset_index if cache else None)
+    index = load_index(cfg.data, known=cache.dataset_index if cache else None, strict=cfg.strict)
     val = load_index(cfg.val)
     image_size = resolve_image_size(cfg.image_size, index.short_sides, "--image-size")
     label_classes = max(index.num_classes, val.num_classes)
@@ -647,6 +647,7 @@ def _train_epoch(
         teacher_stream=INDEPENDENT_STREAM if mode == "independent" else None,
         student_input=student_input,
         teacher_input=run.teacher_input,
+        strict=cfg.strict,
     )
     loader = DataLoader(
         PackedBatches(TrainBatches(stream)),

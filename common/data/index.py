@@ -272,9 +272,11 @@ def load_index(
     rebuild: bool = False,
     progress: Callable[[int], None] | None = None,
     known: Callable[[], DatasetIndex | None] | None = None,
+    strict: bool = False,
 ) -> DatasetIndex:
     """The index of DATA: a saved one when still fresh, else ``known()`` (a cache's copy) when
-    fresh, else built now by reading every shard; the last two are then saved."""
+    fresh, else built now by reading every shard; the last two are then saved. ``strict``: a
+    shard without its end-of-archive blocks is an error, not a warning."""
     urls = expand_data(data)
     candidates = _index_path_candidates(urls)
     index = None
@@ -295,7 +297,7 @@ def load_index(
             index = offered
     if index is None:
         log.info("indexing %d shards of %s", len(urls), data)
-        index = build_index(urls, progress)
+        index = build_index(urls, progress, strict=strict)
     for path in candidates:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
