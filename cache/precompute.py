@@ -63,6 +63,7 @@ class PrecomputeConfig:
     num_classes: int | None = None  # default: the teacher's own head (built-ins: label count)
     teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's convention
     teacher_std: tuple[float, float, float] | None = None
+    max_image_pixels: int | None = None  # larger images are bad rows; None: Pillow's limit
     chunk_rows: int | None = None
     limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
     strict: bool = False  # unusable images are errors instead of marked and counted
@@ -81,6 +82,7 @@ class PrecomputeConfig:
                 ("num_classes", self.num_classes, 2),
                 ("plan_seed", self.plan_seed, 0),
                 ("limit", self.limit, 1),
+                ("max_image_pixels", self.max_image_pixels, 1),
             )
             if value is not None and value < low
         ]
@@ -124,12 +126,14 @@ class _WorkBatches(Dataset):
         convention: InputConvention,
         labels_rule: int | None,
         strict: bool = False,
+        max_pixels: int | None = None,
     ):
         """labels_rule: None, or the class count of a schema-1 cache being extended, whose rule
         also marks rows without a label, or with one outside the classes, bad."""
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
         self.batches, self.convention, self.labels_rule = batches, convention, labels_rule
         self.strict = strict  # a shard cut short: an error, not a warning
+        self.max_pixels = max_pixels
         self._reader: UnitReader | None = None
 
     def __len__(self) -> int:
@@ -138,7 +142,9 @@ class _WorkBatches(Dataset):
     def __getitem__(self, b: int) -> dict:
         epoch, unit, lo, hi = self.batches[b]
         if self._reader is None:
-            self._reader = UnitReader(self.index, capacity=2, strict=self.strict)
+            self._reader = UnitReader(
+                self.index, capacity=2, strict=self.strict, max_pixels=self.max_pixels
+            )
         u = self.index.units[unit]
         sizes = self.index.size[u.start : u.start + u.count]
         views = sample_unit_views(self.spec, self.plan_seed, epoch, u.start, sizes).take(
@@ -350,7 +356,15 @@ def _run(
 ) -> dict:
     labels_rule = cache.num_classes if schema.labels_rule(cache.schema_version) else None
     dataset = _WorkBatches(
-        index, spec, cfg.plan_seed, size, batches, convention, labels_rule, cfg.strict
+        index,
+        spec,
+        cfg.plan_seed,
+        size,
+        batches,
+        convention,
+        labels_rule,
+        cfg.strict,
+        cfg.max_image_pixels,
     )
     loader = DataLoader(
         dataset,

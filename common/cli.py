@@ -134,6 +134,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         strict=args.strict,
         teacher_mean=args.teacher_mean,
         teacher_std=args.teacher_std,
+        max_image_pixels=args.max_image_pixels,
     )
     if args.smoke:
         # The units of the first 256 samples, one epoch: what `train --smoke` reads.
@@ -245,6 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "teacher_mean",
         "teacher_std",
         "label_map",
+        "max_image_pixels",
     )
     cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
     if args.smoke:
@@ -544,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="[256]")
     _num_classes(p, "the teacher's own head; built-in nets: the data's label count")
     _convention(p, "teacher")
+    _max_pixels(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument(
         "--strict",
@@ -753,6 +756,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     _convention(g, "student")
     _convention(g, "teacher")
     _label_map(g)
+    _max_pixels(g)
     g = p.add_argument_group("views")
     _views(g, None)
     g.add_argument(
@@ -818,6 +822,17 @@ def _num_classes(g: Any, default: str) -> None:
         default=None,
         help=f"the class count models are built with; checked against the width each model "
         f"really has [{default}]",
+    )
+
+
+def _max_pixels(g: Any) -> None:
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images of more pixels are bad rows ('too large'), never decoded [Pillow's limit, "
+        "PIL.Image.MAX_IMAGE_PIXELS: about 89 M]",
     )
 
 

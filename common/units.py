@@ -36,9 +36,13 @@ class UnitReader:
         capacity: int = 4,
         image_budget: int = 256 << 20,
         strict: bool = False,
+        max_pixels: int | None = None,
     ):
+        """max_pixels: images with more pixels are marked too large, undecoded (None:
+        Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``)."""
         self.index = index
         self.strict = strict
+        self.max_pixels = max_pixels
         self.capacity = capacity
         self.image_budget = image_budget
         self._units: OrderedDict[int, list[Sample]] = OrderedDict()
@@ -74,9 +78,18 @@ class UnitReader:
         reason a row status (:data:`schema.NO_IMAGE`, :data:`schema.UNDECODABLE`, or
         :data:`schema.TOO_LARGE` over Pillow's pixel limit, ``Image.MAX_IMAGE_PIXELS``: above it,
         not only above twice it where Pillow refuses)."""
-        with warnings.catch_warnings():  # Pillow's warning between 1x and 2x the limit: too large
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if self.max_pixels is None:
+            with warnings.catch_warnings():  # Pillow's warning between 1x and 2x: too large
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return self._decode(indices)
+        # Our own limit, from the index's header sizes; Pillow's own is lifted meanwhile (it
+        # would refuse, above twice its default, what a user allowed).
+        pillow = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
             return self._decode(indices)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow
 
     def _decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], dict[int, int]]:
         images: dict[int, Image.Image] = {}
@@ -90,6 +103,19 @@ class UnitReader:
             sample = self.samples(unit)[i - self.index.units[unit].start]
             if not sample.data:
                 failed[i] = schema.NO_IMAGE
+                continue
+            height, width = (int(v) for v in self.index.size[i])
+            if self.max_pixels is not None and height * width > self.max_pixels:
+                log.warning(
+                    "sample %s (%s) is %dx%d, over the limit of %d pixels "
+                    "(--max-image-pixels); marked too large",
+                    sample.key,
+                    i,
+                    width,
+                    height,
+                    self.max_pixels,
+                )
+                failed[i] = schema.TOO_LARGE
                 continue
             try:
                 images[i] = decode_image(sample.data)

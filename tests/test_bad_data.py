@@ -318,3 +318,22 @@ def test_strict_jobs_refuse_a_cut_shard_in_one_line(tmp_path):
         lines = [line for line in err.splitlines() if "error:" in line]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert path in lines[0] and "end-of-archive" in lines[0]
+
+
+def test_max_image_pixels_marks_larger_images_too_large(large_data, tmp_path):
+    """--max-image-pixels: our own limit, from the index's header sizes, either way of
+    Pillow's (here far below it)."""
+    from conftest import run_cli
+
+    out = str(tmp_path / "c.zarr")
+    code, stdout, err = run_cli("precompute", "--data", large_data, "--teacher",
+                                "kdcache:tiny_cnn", "--out", out, "--epochs", "1",
+                                "--num-classes", "4", "--teacher-image-size", "16", "--workers",
+                                "1", "--device", "cpu", "--max-image-pixels", str(LIMIT),
+                                "--json")  # fmt: skip
+    assert code == 0, err
+    status = open_cache(out).read_unit(0, 0)["status"]
+    index = load_index(large_data)
+    large = index.size[:, 0] * index.size[:, 1] > LIMIT
+    assert large.any() and (status[large] == schema.TOO_LARGE).all()
+    assert (status[~large] != schema.TOO_LARGE).all()

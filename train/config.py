@@ -55,6 +55,7 @@ class TrainConfig:
     teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's own
     teacher_std: tuple[float, float, float] | None = None
     label_map: str | None = None  # JSON file: data label -> teacher class, for val accuracy
+    max_image_pixels: int | None = None  # larger images are unusable rows; None: Pillow's limit
     resume: bool = False
     limit: int | None = None  # train on the first N samples only
     strict: bool = False  # unusable rows are errors instead of skipped and counted
@@ -90,6 +91,7 @@ class TrainConfig:
                 ("workers", self.workers, 0),
                 ("num_classes", self.num_classes, 2),
                 ("window", self.window, 1),
+                ("max_image_pixels", self.max_image_pixels, 1),
                 ("seed", self.seed, 0),
                 ("plan_seed", self.plan_seed, 0),
             )

@@ -48,6 +48,7 @@ class StreamSpec:
     student_input: InputConvention = IMAGENET  # each model's own normalisation
     teacher_input: InputConvention = IMAGENET
     strict: bool = False  # a shard cut short is an error, not a warning
+    max_image_pixels: int | None = None  # larger images are unusable rows (None: Pillow's)
 
 
 class TrainBatches(Dataset):
@@ -70,7 +71,9 @@ class TrainBatches(Dataset):
     def __getitem__(self, b: int) -> dict:
         s = self.s
         if self._reader is None:  # created in the worker: it holds open files and images
-            self._reader = UnitReader(s.index, capacity=8, strict=s.strict)
+            self._reader = UnitReader(
+                s.index, capacity=8, strict=s.strict, max_pixels=s.max_image_pixels
+            )
         rows = np.asarray(s.batches[b], dtype=np.int64)
         views, ok, targets, teacher_views = self._gather(rows)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))

@@ -323,6 +323,7 @@ RUN_OPTIONS = (
     "teacher_mean",
     "teacher_std",
     "label_map",
+    "max_image_pixels",
 )
 
 
@@ -648,6 +649,7 @@ def _train_epoch(
         student_input=student_input,
         teacher_input=run.teacher_input,
         strict=cfg.strict,
+        max_image_pixels=cfg.max_image_pixels,
     )
     loader = DataLoader(
         PackedBatches(TrainBatches(stream)),
