@@ -18,7 +18,8 @@ import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import blosc
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+from kdcache.zarr_compat import BloscCodec, BytesCodec, Crc32cCodec
 
 
 class ChunkFile:

@@ -25,6 +25,10 @@ log = logging.getLogger("kdcache")
 # Under torchrun only rank 0 draws progress bars and prints results; the others log warnings.
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 _QUIET: list[bool] = []  # set by -q: no progress bars either
+WEIGHTS_HELP = (
+    "the teacher's weights: a .pt/.pth state dict (raw, or in a 'model' or 'state_dict' key) "
+    "or a .safetensors file; without one the teacher is a random initialisation"
+)
 
 
 # -- output helpers ------------------------------------------------------------------------
@@ -532,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="training shards (see `kdcache index`)")
     p.add_argument("--teacher", required=True, help="model spec, e.g. torchvision:resnet50")
-    p.add_argument("--teacher-weights", help="state dict of the teacher (model.pt of a run)")
+    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     p.add_argument("--out", required=True, help="cache path (a directory, conventionally .zarr)")
     p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
     p.add_argument("--topk", type=int, default=None, help="logits kept per view [min(10, C)]")
@@ -581,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache")
     p.add_argument("--data", required=True)
     p.add_argument("--teacher", required=True)
-    p.add_argument("--teacher-weights")
+    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     p.add_argument("--samples", type=int, default=256, help="views to check [256]")
     p.add_argument("--seed", type=int, default=0, help="which views are sampled [0]")
     p.add_argument("--batch-size", type=int, default=128, help="[128]")
@@ -616,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training shards")
     p.add_argument("--val", required=True, help="held-out shards")
     p.add_argument("--teacher", required=True)
-    p.add_argument("--teacher-weights")
+    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     p.add_argument("--student", required=True)
     p.add_argument("--epochs", type=int, required=True, help="student epochs of every mode")
     p.add_argument("--out", required=True)
@@ -661,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _num_classes(p, "the run's; else the teacher's, or the labels'")
     p.add_argument("--teacher", help="also report agreement (top-1, top-5) and KL to this teacher")
-    p.add_argument("--teacher-weights")
+    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     p.add_argument(
         "--teacher-image-size",
         type=_size,
@@ -751,7 +755,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="teacher spec (online mode; in cached mode it is checked "
         "against the cache and used for val agreement)",
     )
-    g.add_argument("--teacher-weights")
+    g.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     _num_classes(g, "the teacher's (the cache's); none mode: the labels'")
     _convention(g, "student")
     _convention(g, "teacher")

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own I/O loop
 
 from kdcache import faults, schema
 from kdcache.chunks import ChunkFile
@@ -25,6 +23,8 @@ from kdcache.data.index import DatasetIndex, Unit
 from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
 from kdcache.render import InputConvention
 from kdcache.views import ViewSpec
+from kdcache.zarr_compat import BloscCodec, Crc32cCodec
+from kdcache.zarr_compat import sync as zarr_sync  # runs a coroutine on zarr's own I/O loop
 
 log = logging.getLogger(__name__)
 

@@ -167,3 +167,175 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
         logger.setLevel(state[1])
         logger.propagate = state[2]
     return code, out.getvalue(), err.getvalue()
+
+
+# -- added for test_train.py and test_modes.py: a run's steps rebuilt by hand ---------------
+#
+# The trainer's batches, pixels and targets are rebuilt here from the public pieces (the plan,
+# the view generator or the cache rows, the renderer) and the losses computed with plain torch
+# ops, so a test can compare them with what a run wrote to steps.jsonl.
+
+
+def read_jsonl(run, name: str) -> list[dict]:
+    import json
+
+    with open(os.path.join(str(run), name)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(run) -> list[dict]:
+    return read_jsonl(run, "metrics.jsonl")
+
+
+def read_steps(run) -> list[dict]:
+    return read_jsonl(run, "steps.jsonl")
+
+
+def epoch_batches(index, cfg, epoch: int) -> list[np.ndarray]:
+    """The batches (global sample indices) of ``epoch`` as a one-process run of ``cfg`` draws
+    them: the order from ``cfg.seed`` and ``cfg.window``, cut to ``cfg.limit``."""
+    from kdcache.train.plan import epoch_order, rank_batches
+
+    order = epoch_order(index.counts, cfg.seed, epoch, cfg.window)
+    if cfg.limit is not None:
+        order = order[order < cfg.limit]
+    return rank_batches(order, cfg.batch_size)
+
+
+def _stack_views(parts: list):
+    from kdcache import schema
+    from kdcache.views import Views
+
+    return Views(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in schema.VIEW_FIELDS})
+
+
+def fresh_views(index, rows, preset: str, plan_seed: int, epoch: int, stream: int = 0):
+    """The views of global samples ``rows``, straight from the view generator."""
+    from kdcache.replay import fresh_unit_views
+    from kdcache.views import get_spec
+
+    spec, parts = get_spec(preset), []
+    for r in np.asarray(rows, dtype=np.int64):
+        unit = index.unit_index_of(int(r))
+        views, usable = fresh_unit_views(index, unit, spec, plan_seed, epoch, stream)
+        pos = int(r) - index.units[unit].start
+        assert usable[pos]
+        parts.append(views.take([pos]))
+    return _stack_views(parts)
+
+
+def cached_batch(cache, index, rows, epoch: int):
+    """(views, {topk_logits, topk_index, lse}) of global samples ``rows`` in cache ``epoch``."""
+    from kdcache.replay import TARGET_FIELDS, cached_unit_views
+
+    parts, targets = [], {name: [] for name in TARGET_FIELDS}
+    for r in np.asarray(rows, dtype=np.int64):
+        unit = index.unit_index_of(int(r))
+        views, ok, rows_of_unit = cached_unit_views(cache, index, unit, epoch)
+        pos = int(r) - index.units[unit].start
+        assert ok[pos]
+        parts.append(views.take([pos]))
+        for name in TARGET_FIELDS:
+            targets[name].append(rows_of_unit[name][pos])
+    return _stack_views(parts), {name: np.stack(v) for name, v in targets.items()}
+
+
+def render_rows(index, rows, views, size: int, convention=None):
+    """``views`` of global samples ``rows`` rendered as the trainer renders them (images and
+    mixing partners decoded from the shards)."""
+    from kdcache.render import IMAGENET, render_views
+    from kdcache.units import UnitReader
+
+    rows = np.asarray(rows, dtype=np.int64)
+    needed = set(rows.tolist()) | {int(p) for p in views.partner if p >= 0}
+    images, failed = UnitReader(index).decode(sorted(needed))
+    assert not failed
+    return render_views(views, rows, images, size, convention or IMAGENET)
+
+
+def initial_logits(spec: str, num_classes: int, seed: int, pixels):
+    """A fresh run's student (``--seed``, train mode: batch statistics) on ``pixels``."""
+    import torch
+
+    from kdcache.models import create_model
+
+    model = create_model(spec, num_classes, seed=seed).train()
+    with torch.no_grad():
+        return model(pixels).float()
+
+
+def teacher_probs(pixels, spec: str = TEACHER, seed: int = 0):
+    """A live teacher's (B, C) probabilities on ``pixels`` (eval mode, as the trainer runs it)."""
+    import torch
+
+    from kdcache.models import create_model
+
+    model = create_model(spec, NUM_CLASSES, seed=seed).eval()
+    with torch.no_grad():
+        return torch.softmax(model(pixels).double(), 1)
+
+
+def cached_probs(targets: dict[str, np.ndarray], num_classes: int):
+    """Cache rows -> the dense (B, C) teacher distribution they stand for."""
+    import torch
+
+    from kdcache.targets import from_topk
+
+    return from_topk(
+        torch.from_numpy(targets["topk_logits"]),
+        torch.from_numpy(targets["topk_index"]),
+        torch.from_numpy(targets["lse"]),
+        num_classes,
+    ).dense()
+
+
+def kl_by_hand(student_logits, teacher_p, temperature: float = 1.0) -> float:
+    """Mean over rows of KL(p_T || q_T) * T^2 in float64: p_T is the teacher's distribution
+    sharpened or softened by T (p^(1/T), renormalised), q_T = softmax(logits / T)."""
+    import torch
+
+    t = float(temperature)
+    log_pt = torch.log_softmax(teacher_p.double().log() / t, 1)  # p = 0 stays 0
+    log_qt = torch.log_softmax(student_logits.double() / t, 1)
+    pt = log_pt.exp()
+    terms = torch.where(pt > 0, pt * (log_pt - log_qt), torch.zeros_like(pt))
+    return float(terms.sum(1).mean()) * t * t
+
+
+def mixed_ce_by_hand(student_logits, label, partner_label, lam) -> float:
+    """Mean over rows of -(lam log q[label] + (1 - lam) log q[partner_label]) in float64."""
+    import torch
+
+    logq = torch.log_softmax(student_logits.double(), 1)
+    label, partner_label = torch.as_tensor(label).long(), torch.as_tensor(partner_label).long()
+    lam = torch.as_tensor(np.asarray(lam, dtype=np.float64))
+    own = logq.gather(1, label[:, None])[:, 0]
+    other = logq.gather(1, partner_label[:, None])[:, 0]
+    return float(-(lam * own + (1 - lam) * other).mean())
+
+
+def center_logits(model, index, size: int, convention=None):
+    """``model``'s logits (eval mode) on the center views of every sample of ``index``."""
+    import torch
+
+    rows = np.arange(index.num_samples)
+    pixels = render_rows(index, rows, fresh_views(index, rows, "center", 0, 0), size, convention)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(pixels).float()
+    model.train(was)
+    return out
+
+
+def loss_tolerance(loss: float, temperature: float = 1.0) -> float:
+    """How close a run's float32 loss is to the float64 one by hand: 1e-5 relative, or a few
+    float32 ulps of T^2 log C: the trainer computes the KL as H(p, q) - H(p), two terms of
+    about T^2 log C each, so on a small KL its rounding error is absolute (2.5e-5 relative on a
+    KL of 0.028 at T = 2)."""
+    import math
+
+    import torch
+
+    ulps = 4 * torch.finfo(torch.float32).eps * temperature**2 * math.log(NUM_CLASSES)
+    return max(1e-5 * abs(loss), ulps)

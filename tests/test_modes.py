@@ -8,7 +8,6 @@ drawn from a second view stream, the same one on every replay.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -16,7 +15,21 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE, cache_config, run_cli
+from conftest import (
+    NUM_CLASSES,
+    TEACHER,
+    TEACHER_SIZE,
+    cache_config,
+    cached_probs,
+    epoch_batches,
+    initial_logits,
+    kl_by_hand,
+    loss_tolerance,
+    read_metrics,
+    read_steps,
+    run_cli,
+    teacher_probs,
+)
 
 from kdcache.cache import precompute
 from kdcache.data.index import load_index
@@ -51,11 +64,6 @@ def train_cfg(train_dir: str, val_dir: str, out, mode: str, **kw) -> TrainConfig
     )
     opts.update(kw)
     return TrainConfig(**opts)
-
-
-def read_metrics(out) -> list[dict]:
-    with open(os.path.join(str(out), "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def expected_pixels(index, rows, preset: str, plan_seed: int, epoch: int, size: int, stream: int):
@@ -102,45 +110,46 @@ def consistent_cache(tmp_path_factory, train_dir) -> str:
     return out
 
 
-def fit_mod():
-    """The module ``kdcache.train.trainer`` (the package attribute of that name is the function)."""
-    return importlib.import_module("kdcache.train.trainer")
+# A learning rate so small that the student stays as initialised (to float32 precision): every
+# step's loss in steps.jsonl is then the initial student's on that step's batch, which a test
+# can compute by hand from the plan, the view generator, the cache rows or the live teacher.
+TINY_LR = 1e-12
 
 
-class Spy:
-    """Wraps ``kdcache.train.trainer._target``: records what every training step was fed."""
-
-    def __init__(self, monkeypatch):
-        fit_module = fit_mod()
-        self.items: list[dict] = []
-        original = fit_module._target
-
-        def spy(cfg, run, item, device):
-            self.items.append({k: v.clone() for k, v in item.items() if torch.is_tensor(v)})
-            return original(cfg, run, item, device)
-
-        monkeypatch.setattr(fit_module, "_target", spy)
-
-
-def forbid_teacher(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the teacher ran during training")
-
-    monkeypatch.setattr(fit_mod(), "teacher_logits", boom)
+def check_steps_by_hand(cfg: TrainConfig, target, wrong) -> None:
+    """Every step of epoch 1 of a ``TINY_LR`` run of ``cfg``: its loss is KL(``target(rows,
+    pixels)`` || the initial student on the fresh consistent views of ``rows``); each loss of
+    ``wrong(rows, pixels, p)`` (the same step fed other inputs, ``p`` the right targets) is far
+    from it, so the comparison tells those inputs apart."""
+    assert cfg.lr == TINY_LR
+    index = load_index(cfg.data)
+    batches = epoch_batches(index, cfg, 0)
+    assert set(np.concatenate(batches).tolist()) == set(range(index.num_samples))
+    steps = read_steps(cfg.out)
+    assert [(s["epoch"], s["step"]) for s in steps] == [(1, b + 1) for b in range(len(batches))]
+    for step, rows in zip(steps, batches, strict=True):
+        pixels = expected_pixels(index, rows, "consistent", 0, 0, cfg.image_size, STUDENT_STREAM)
+        logits = initial_logits(cfg.student, NUM_CLASSES, cfg.seed, pixels)
+        p = target(rows, pixels)
+        want = kl_by_hand(logits, p)
+        assert abs(step["loss"] - want) <= loss_tolerance(want), (step, want)
+        for other in wrong(rows, pixels, p):
+            assert abs(other - want) > 10 * loss_tolerance(want), (other, want)
 
 
 # -- fixed --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_teacher", [False, True], ids=["no-teacher", "teacher-for-val"])
-def test_fixed_trains_without_running_the_teacher(
-    with_teacher, center_cache, train_dir, val_dir, tmp_path, monkeypatch
+def test_fixed_trains_on_the_center_cache_not_the_teacher(
+    with_teacher, center_cache, train_dir, val_dir, tmp_path
 ):
-    forbid_teacher(monkeypatch)
-    spy = Spy(monkeypatch)
     out = tmp_path / "run"
     teacher = TEACHER if with_teacher else None
-    result = fit(train_cfg(train_dir, val_dir, out, "fixed", cache=center_cache, teacher=teacher))
+    cfg = train_cfg(
+        train_dir, val_dir, out, "fixed", cache=center_cache, teacher=teacher, lr=TINY_LR
+    )
+    result = fit(cfg)
     (metrics,) = read_metrics(out)
     assert metrics["epoch"] == 1 and math.isfinite(metrics["train_loss"])
     assert metrics["train_loss"] > 0 and result["train_loss"] == metrics["train_loss"]
@@ -150,19 +159,25 @@ def test_fixed_trains_without_running_the_teacher(
     assert config["view_spec"]["name"] == "consistent"  # the student's default in fixed mode
     assert config["num_classes"] == NUM_CLASSES
 
-    # Every step's targets are the cache's epoch-0 rows; its pixels the fresh consistent views.
+    # Every step (3 of 8: 5 rows wrap around) trains on the cache's epoch-0 rows as targets
+    # and the fresh consistent views as pixels: not on the teacher run live on those views,
+    # not on the center views the cache was made from.
     index, cache = load_index(train_dir), open_cache(center_cache)
-    seen = torch.cat([item["rows"] for item in spy.items])
-    assert set(seen.tolist()) == set(range(index.num_samples))  # (3 steps of 8: 5 wrap around)
-    for item in spy.items:
-        rows = item["rows"].numpy()
-        want = cached_rows(cache, index, rows, 0)
-        for name, values in want.items():
-            assert np.array_equal(item[name].numpy(), values), name
-        fresh = expected_pixels(index, rows, "consistent", 0, 0, TEACHER_SIZE, STUDENT_STREAM)
-        assert torch.equal(item["pixels"], fresh)
+
+    def cached(rows, pixels):
+        return cached_probs(cached_rows(cache, index, rows, 0), NUM_CLASSES)
+
+    def wrong(rows, pixels, p):
         center = expected_pixels(index, rows, "center", 0, 0, TEACHER_SIZE, STUDENT_STREAM)
-        assert not torch.equal(item["pixels"], center)
+        assert not torch.equal(pixels, center)
+        return [
+            kl_by_hand(
+                initial_logits(STUDENT, NUM_CLASSES, cfg.seed, pixels), teacher_probs(pixels)
+            ),
+            kl_by_hand(initial_logits(STUDENT, NUM_CLASSES, cfg.seed, center), p),
+        ]
+
+    check_steps_by_hand(cfg, cached, wrong)
 
 
 @pytest.mark.parametrize("epoch", [0, 3])
@@ -342,43 +357,59 @@ def test_independent_teacher_sees_its_own_view(train_dir, teacher_size):
     assert not torch.equal(other, data[0]["teacher_pixels"])
 
 
-def test_independent_fit_feeds_the_teacher_its_own_views(train_dir, val_dir, tmp_path, monkeypatch):
-    spy = Spy(monkeypatch)
+def teacher_on_stream(index, stream: int):
+    """Targets: the live teacher on the consistent views of ``stream`` (epoch 0)."""
+
+    def probs(rows, pixels):
+        return teacher_probs(expected_pixels(index, rows, "consistent", 0, 0, TEACHER_SIZE, stream))
+
+    return probs
+
+
+def test_independent_fit_feeds_the_teacher_its_own_views(train_dir, val_dir, tmp_path):
     out = tmp_path / "run"
-    fit(train_cfg(train_dir, val_dir, out, "independent", teacher=TEACHER))
+    cfg = train_cfg(train_dir, val_dir, out, "independent", teacher=TEACHER, lr=TINY_LR)
+    fit(cfg)
     (metrics,) = read_metrics(out)
     assert metrics["epoch"] == 1 and math.isfinite(metrics["train_loss"])
     assert metrics["train_loss"] > 0 and "teacher_agreement" in metrics
     with open(out / "config.json") as f:
         assert json.load(f)["view_spec"]["name"] == "consistent"
     index = load_index(train_dir)
-    assert spy.items
-    for item in spy.items:
-        rows = item["rows"].numpy()
-        want = expected_pixels(index, rows, "consistent", 0, 0, TEACHER_SIZE, INDEPENDENT_STREAM)
-        assert torch.equal(item["teacher_pixels"], want)
-        assert not torch.equal(item["teacher_pixels"], item["pixels"])
-
-
-def test_independent_and_online_differ_only_in_the_teachers_view(
-    train_dir, val_dir, tmp_path, monkeypatch
-):
-    """Same student views and order; only the teacher's input (hence the loss) changes."""
-    spies = {}
-    for mode in ("online", "independent"):
-        with monkeypatch.context() as patch:
-            spies[mode] = Spy(patch)
-            cfg = train_cfg(
-                train_dir, val_dir, tmp_path / mode, mode, teacher=TEACHER, views="consistent"
+    # every step: the teacher on its own view (the second stream), the student on the first;
+    # the teacher on the student's very view (online mode) would give another loss
+    check_steps_by_hand(
+        cfg,
+        teacher_on_stream(index, INDEPENDENT_STREAM),
+        lambda rows, pixels, p: [
+            kl_by_hand(
+                initial_logits(STUDENT, NUM_CLASSES, cfg.seed, pixels), teacher_probs(pixels)
             )
-            fit(cfg)
-    online, independent = spies["online"].items, spies["independent"].items
-    assert len(online) == len(independent)
-    for a, b in zip(online, independent, strict=True):
-        assert torch.equal(a["rows"], b["rows"])
-        assert torch.equal(a["pixels"], b["pixels"])
-        assert torch.equal(a["teacher_pixels"], a["pixels"])  # online: the student's very view
-        assert not torch.equal(b["teacher_pixels"], b["pixels"])
+        ],
+    )
+
+
+@pytest.mark.parametrize("mode", ["online", "independent"])
+def test_independent_and_online_differ_only_in_the_teachers_view(
+    mode, train_dir, val_dir, tmp_path
+):
+    """Same student views and order (the student stream's); only the teacher's input (hence the
+    loss) changes: online, the student's very view; independent, the teacher's own view."""
+    cfg = train_cfg(
+        train_dir, val_dir, tmp_path / mode, mode, teacher=TEACHER, views="consistent", lr=TINY_LR
+    )
+    fit(cfg)
+    index = load_index(train_dir)
+    streams = {"online": STUDENT_STREAM, "independent": INDEPENDENT_STREAM}
+    other = {"online": "independent", "independent": "online"}[mode]
+    wrong = teacher_on_stream(index, streams[other])
+    check_steps_by_hand(
+        cfg,
+        teacher_on_stream(index, streams[mode]),
+        lambda rows, pixels, p: [
+            kl_by_hand(initial_logits(STUDENT, NUM_CLASSES, cfg.seed, pixels), wrong(rows, pixels))
+        ],
+    )
 
 
 def test_independent_needs_a_teacher(train_dir, val_dir, tmp_path):

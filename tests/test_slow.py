@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_cached_teacher_matches_online_on_digits(tmp_path):
     """On 512 real digits: a cached function-matching teacher teaches as well as the same teacher
-    run live (val accuracy within 2 points after 10 epochs), and trains faster."""
+    run live (val accuracy and agreement with the teacher within 2 points after 10 epochs), and
+    the student learns from it. (Speed is a benchmark's claim: tools/bench.py.)"""
     data = str(tmp_path / "data")
     write_shards("digits", data, "train", shard_size=256, limit=512)
     write_shards("digits", data, "val", shard_size=256)
@@ -70,4 +71,7 @@ def test_cached_teacher_matches_online_on_digits(tmp_path):
     )
     assert abs(cached["val_accuracy"] - online["val_accuracy"]) <= 0.02, (online, cached)
     assert abs(cached["train_loss"] - online["train_loss"]) <= 0.01 * online["train_loss"]
-    assert cached["images_per_s"] > online["images_per_s"]
+    agreement = (cached["teacher_agreement"], online["teacher_agreement"])
+    assert abs(agreement[0] - agreement[1]) <= 0.02, (online, cached)
+    # the student learnt: 10 classes, chance 0.1 (+-0.016 on the 360 val digits); 0.23 here
+    assert cached["val_accuracy"] > 0.15, cached

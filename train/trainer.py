@@ -523,6 +523,37 @@ def _fit(
     return {"out": cfg.out, **metrics}
 
 
+class _Scalars:
+    """Each epoch's numeric metrics as TensorBoard scalars in ``OUT/tensorboard`` when
+    tensorboard is installed (``pip install 'kdcache[tb]'``); nothing otherwise."""
+
+    def __init__(self, out: str):
+        self.dir, self.writer, self.tried = os.path.join(out, "tensorboard"), None, False
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if not self.tried:
+            self.tried = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                log.debug("no TensorBoard scalars (%s)", e)
+            else:
+                # A resumed run redoes the epochs after its checkpoint: TensorBoard then drops
+                # what an earlier process wrote for them, as the resume cuts metrics.jsonl.
+                self.writer = SummaryWriter(self.dir, purge_step=metrics["epoch"])
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            if name != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, metrics["epoch"])
+        self.writer.flush()  # a killed run keeps the epochs it wrote
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 class _Saver:
     """Rank 0 writes the run's files: per-step losses, per-epoch metrics, checkpoints.
 
@@ -544,6 +575,7 @@ class _Saver:
             place,
         )
         self.losses: list[tuple[int, int, torch.Tensor]] = []
+        self.scalars = _Scalars(cfg.out)
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
         self.losses.append((epoch, step, loss.detach()))
@@ -591,6 +623,9 @@ class _Saver:
         if self.place.main:
             with open(os.path.join(self.cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            self.scalars.write(metrics)
+            if metrics["epoch"] >= self.cfg.epochs:
+                self.scalars.close()
             _save_atomic(self.model.state_dict(), os.path.join(self.cfg.out, "model.pt"))
         self.checkpoint(pos)  # the commit: a kill before it redoes the epoch
 

@@ -12,6 +12,18 @@ without its two zero end-of-archive blocks (cut short at a member boundary, as a
 copy leaves it) is read with what it holds and said in a warning, or refused when reading is
 strict; a cut inside a member header is an error. The end is checked on the tar stream itself
 (after decompression), so it works alike for local files, fsspec URLs and compressed tars.
+
+Why not the webdataset package (it was declared, never imported; dropped in issue 12): its
+reader is no faster and loses two of the checks above. Measured with webdataset 1.0.2
+(``tariterators.tar_file_iterator`` + ``group_by_keys``) against :func:`read_samples` on one
+shard of 1,000 samples (a 32x32 RGB PNG and a ``cls`` each, 5.1 MB; 100 alternating reads
+each after 3 warm-ups, Python 3.11, a shared 2-core machine): plain tar, median 47.0 ms here
+vs 46.7 ms webdataset (min 44.0 vs 44.2); ``.tar.gz``, 55.6 vs 56.4 ms (min 52.5 vs 53.3).
+Both spend their time in :mod:`tarfile`. But ``tar_file_iterator`` opens the tarfile itself
+(no way to see the block it stopped at), so a tar cut at a member boundary reads as a shorter
+shard without a word; and ``group_by_keys`` only compares a key with the previous member's, so
+``a.png, b.png, a.cls`` becomes three samples (``a`` twice, one without its label) where this
+reader raises. Only a repeated extension within one run of members is caught there.
 """
 
 from __future__ import annotations
