@@ -213,6 +213,8 @@ def _open_or_create(
         "teacher_weights": cfg.teacher_weights,
         "teacher_random_init": not cfg.teacher_weights,
         "teacher_interpolation": teacher.convention.interpolation,
+        # the pixel limit its rows were judged by: readers of OK rows decode up to it
+        "max_image_pixels": cfg.max_image_pixels,
         "versions": library_versions(),
         "command": cfg.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

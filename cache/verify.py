@@ -87,7 +87,9 @@ class _Views(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self._reader is None:
-            self._reader = UnitReader(self.index, capacity=2)
+            # Every row picked was usable when cached: decode it under the cache's pixel limit.
+            limit = self.cache.meta.get("max_image_pixels")
+            self._reader = UnitReader(self.index, capacity=2, max_pixels=limit)
         epoch, unit, ks = self.batches[i]
         views, ok, targets = cached_unit_views(self.cache, self.index, unit, epoch)
         positions = np.flatnonzero(ok)[ks]

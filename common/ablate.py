@@ -33,14 +33,26 @@ DEFAULT_MODES = (
     "online:function_matching",
     "cached:function_matching",
 )
-# The student's views when a mode names no preset: the paper's grid.
-DEFAULT_PRESET = {
-    "none": "consistent",
-    "fixed": "consistent",
-    "independent": "consistent",
-    "online": "function_matching",
-    "cached": "function_matching",
-}
+# The student's views when a mode names no preset are the mode's own default (the registry in
+# kdcache.train.modes, as for `kdcache train`) except where the grid deliberately differs:
+# `none` is the paper's hard-label baseline on consistent (unmixed) views, and `cached` has no
+# cache to take its views from until ablate builds one, so it names function_matching.
+GRID_PRESET = {"none": "consistent", "cached": "function_matching"}
+
+
+def default_preset(teacher_mode: str) -> str:
+    """The student's views of ``teacher_mode`` when the mode names no preset."""
+    from kdcache.train.modes import get_mode
+
+    return GRID_PRESET.get(teacher_mode) or get_mode(teacher_mode).default_views
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_PRESET":  # the old table, derived on use (no stage import at import)
+        from kdcache.train.modes import MODES
+
+        return {m: default_preset(m) for m in MODES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -73,17 +85,18 @@ class AblateConfig:
 
 def parse_mode(mode: str) -> tuple[str, str]:
     """``"cached:consistent"`` -> ("cached", "consistent"); a bare mode gets its default."""
-    from kdcache.train.config import TEACHER_MODES
+    from kdcache.train.modes import MODES
     from kdcache.views import get_spec
 
     teacher_mode, _, preset = mode.partition(":")
-    if teacher_mode not in TEACHER_MODES:
+    m = MODES.get(teacher_mode)
+    if m is None:
         raise KdcacheError(
-            f"unknown mode {mode!r}: the part before ':' must be one of {', '.join(TEACHER_MODES)}"
+            f"unknown mode {mode!r}: the part before ':' must be one of {', '.join(MODES)}"
         )
-    preset = preset or DEFAULT_PRESET[teacher_mode]
+    preset = preset or default_preset(teacher_mode)
     spec = get_spec(preset)  # raises with the list of presets
-    if teacher_mode in ("fixed", "independent") and spec.mixes:
+    if not m.allows(spec):
         raise KdcacheError(
             f"mode {mode!r}: {teacher_mode} teachers train on unmixed views; "
             "use consistent or center"
@@ -100,14 +113,16 @@ def _build_caches(
 ) -> dict[str, str]:
     """Precompute (or finish, or extend) every cache the modes need -> {preset: path}."""
     from kdcache.cache import PrecomputeConfig, precompute
+    from kdcache.train.modes import get_mode
 
     need: dict[str, int] = {}
     longest = max([cfg.epochs, *cfg.patience])
     for teacher_mode, preset in parsed.values():
-        if teacher_mode == "cached":
+        m = get_mode(teacher_mode)
+        if m.replays_cache_views:
             budget = longest if preset == "function_matching" else cfg.epochs
             need[preset] = max(need.get(preset, 0), budget)
-        elif teacher_mode == "fixed":
+        elif m.needs_center_cache:
             need["center"] = max(need.get("center", 0), 1)
     paths = {}
     for preset, epochs in need.items():
@@ -146,13 +161,15 @@ def _train(
     fit: Callable,
 ) -> dict[str, Any]:
     from kdcache.train import TrainConfig
+    from kdcache.train.modes import get_mode
     from kdcache.train.trainer import read_metrics
 
     slug = mode.replace(":", "-")
     run = os.path.join(
         cfg.out, "runs", slug if epochs == cfg.epochs else f"{slug}-e{epochs}", f"seed{seed}"
     )
-    cache = caches.get("center") if teacher_mode == "fixed" else caches.get(preset)
+    m = get_mode(teacher_mode)
+    cache = caches.get("center") if m.needs_center_cache else caches.get(preset)
     train_cfg = TrainConfig(
         data=cfg.data,
         val=cfg.val,
@@ -160,10 +177,10 @@ def _train(
         out=run,
         epochs=epochs,
         teacher_mode=teacher_mode,
-        cache=cache if teacher_mode in ("cached", "fixed") else None,
+        cache=cache if m.reads_cache else None,
         teacher=cfg.teacher,
         teacher_weights=cfg.teacher_weights,
-        views=None if teacher_mode == "cached" else preset,
+        views=None if m.replays_cache_views else preset,
         plan_seed=cfg.plan_seed,
         seed=seed,
         image_size=cfg.image_size,
@@ -264,9 +281,11 @@ def _patience(
     cfg: AblateConfig, parsed: dict[str, tuple[str, str]], caches: dict[str, str], fit: Callable
 ) -> dict[str, dict[str, float]]:
     """Final val accuracy (mean over seeds) of the function-matching modes per budget."""
+    from kdcache.train.modes import get_mode
+
     out: dict[str, dict[str, float]] = {}
     for mode, (teacher_mode, preset) in parsed.items():
-        if preset != "function_matching" or teacher_mode not in ("online", "cached"):
+        if preset != "function_matching" or not get_mode(teacher_mode).sees_student_views:
             continue
         out[mode] = {}
         for epochs in sorted(set(cfg.patience)):

@@ -256,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
         cfg.batch_size = min(cfg.batch_size, 32)
-    if cfg.teacher_mode == "fixed" and cfg.cache and (cfg.teacher or not os.path.exists(cfg.cache)):
+    if cfg.mode.needs_center_cache and cfg.cache and (cfg.teacher or not os.path.exists(cfg.cache)):
         _make_fixed_cache(cfg)  # makes, finishes or (when complete) just checks it
     result = _fit_with_bars(cfg)
     _emit(args, result, lambda: _table(list(result.items())))
@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from kdcache.train.config import TEACHER_MODES
+    from kdcache.train.modes import MODES
 
     g = p.add_argument_group("data and run")
     g.add_argument("--data", required=True, help="training shards")
@@ -738,7 +738,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-weights", help="initial weights of the student")
     g.add_argument(
         "--teacher-mode",
-        choices=TEACHER_MODES,
+        choices=tuple(MODES),
         default="cached",
         help="where targets come from: cached (replay the --cache), online (run --teacher on "
         "the same views), fixed (the teacher's center-view predictions: a one-epoch --cache, "

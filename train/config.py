@@ -9,18 +9,14 @@ import sys
 from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
+from kdcache.train.modes import MODES, TeacherMode, get_mode
 from kdcache.views import MIN_IMAGE_SIZE
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
-TEACHER_MODES = ("cached", "online", "fixed", "independent", "none")
-# The student's views when --views is not given (cached mode: the cache decides). The fixed and
-# independent teachers of Beyer et al. 2022 are shown with crop + flip and no mixing.
-DEFAULT_VIEWS = {
-    "online": "function_matching",
-    "none": "function_matching",
-    "fixed": "consistent",
-    "independent": "consistent",
-}
+# Aliases derived from the mode registry (kdcache.train.modes), kept for their importers.
+TEACHER_MODES = tuple(MODES)
+# The student's views when --views is not given (cached mode: the cache decides).
+DEFAULT_VIEWS = {name: m.default_views for name, m in MODES.items() if m.default_views}
 
 
 @dataclass
@@ -63,24 +59,19 @@ class TrainConfig:
     extend: bool = False  # --resume with more --epochs: the schedule is recomputed over them
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
 
+    @property
+    def mode(self) -> TeacherMode:
+        """The :class:`~kdcache.train.modes.TeacherMode` that ``teacher_mode`` names."""
+        return get_mode(self.teacher_mode)
+
     def validate(self) -> None:
         """Check the options against each other; report every problem at once."""
         problems = []
-        if self.teacher_mode not in TEACHER_MODES:
+        mode = MODES.get(self.teacher_mode)
+        if mode is None:
             problems.append(f"--teacher-mode must be one of {', '.join(TEACHER_MODES)}")
-        if self.teacher_mode == "cached" and not self.cache:
-            problems.append(
-                "--teacher-mode cached needs --cache CACHE (make one with `kdcache precompute`)"
-            )
-        if self.teacher_mode == "fixed" and not self.cache:
-            problems.append(
-                "--teacher-mode fixed needs --cache CACHE: a one-epoch cache of "
-                "center views (`kdcache train` makes it when --teacher is given)"
-            )
-        if self.teacher_mode in ("online", "independent") and not self.teacher:
-            problems.append(
-                f"--teacher-mode {self.teacher_mode} needs --teacher MODEL (and --teacher-weights)"
-            )
+        else:
+            problems += mode.problems(self.cache, self.teacher)
         problems += [
             f"--{name.replace('_', '-')} must be at least {low}, got {value}"
             for name, value, low in (

@@ -33,13 +33,14 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.lock import output_lock, process_running
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
-from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device, teacher_logits
+from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
-from kdcache.train.config import DEFAULT_VIEWS, TrainConfig
+from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
+from kdcache.train.modes import TeacherMode
 from kdcache.train.plan import epoch_order, rank_batches
 from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, unpack
-from kdcache.views import INDEPENDENT_STREAM, ViewSpec, get_spec
+from kdcache.views import ViewSpec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,13 @@ class _Run:
     teacher_input: InputConvention  # what the teacher is fed: the cache's, or the live one's
     accuracy_basis: str  # labels | label_map | none
     label_map: np.ndarray | None
+    mode: TeacherMode
 
 
 def _resolve(cfg: TrainConfig) -> _Run:
+    mode = cfg.mode
     cache, cache_epochs = None, []
-    if cfg.teacher_mode in ("cached", "fixed"):
+    if mode.reads_cache:
         cache = open_cache(cfg.cache)
     index = load_index(cfg.data, known=cache.dataset_index if cache else None, strict=cfg.strict)
     val = load_index(cfg.val)
@@ -91,7 +94,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
                 "classes (the teacher's); drop --num-classes"
             )
         num_classes, teacher_size = cache.num_classes, int(cache.meta["teacher_image_size"])
-    if cfg.teacher_mode == "cached":
+    if mode.replays_cache_views:
         spec, plan_seed = cache.spec, cache.plan_seed
         if cfg.epochs > len(cache_epochs):
             log.warning(
@@ -102,9 +105,9 @@ def _resolve(cfg: TrainConfig) -> _Run:
                 len(cache_epochs),
             )
     else:
-        spec = get_spec(cfg.views or DEFAULT_VIEWS[cfg.teacher_mode])
+        spec = get_spec(cfg.views or mode.default_views)
         plan_seed = cfg.plan_seed or 0
-        if cfg.teacher_mode in ("fixed", "independent") and spec.mixes:
+        if not mode.allows(spec):
             raise KdcacheError(
                 f"--teacher-mode {cfg.teacher_mode} trains on unmixed views (the teacher never "
                 f"sees the student's mix); --views {spec.name} mixes: use consistent or center"
@@ -134,7 +137,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
                 },
                 what="--teacher",
             )
-        elif cfg.teacher_mode in ("online", "independent"):
+        elif mode.runs_teacher:
             warn_random_teacher(cfg.teacher, cfg.teacher_weights)
         num_classes = teacher.num_classes
     if num_classes is None:  # hard labels, no teacher: the labels' classes
@@ -144,13 +147,13 @@ def _resolve(cfg: TrainConfig) -> _Run:
         raise KdcacheError(
             f"{cfg.data} has {num_classes} labelled classes; label the data or set --num-classes"
         )
-    if cfg.teacher_mode == "none":
+    if mode.trains_on_labels:
         _check_labels(index, num_classes, cfg.limit)
     teacher_input = cache.teacher_input if cache is not None else None
     if teacher is not None:
         teacher_input = teacher.convention
     basis, label_map = accuracy_basis(
-        cfg.teacher_mode == "none", num_classes, label_classes, val, cfg.label_map
+        mode.trains_on_labels, num_classes, label_classes, val, cfg.label_map
     )
     return _Run(
         index,
@@ -166,6 +169,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
         teacher_input or IMAGENET,
         basis,
         label_map,
+        mode,
     )
 
 
@@ -207,7 +211,7 @@ def _check_class_count(index: DatasetIndex, val: DatasetIndex, label_classes: in
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     """Refuse a cache made from other data or with other views than this run asks for."""
     expected: dict[str, Any] = {"data_fingerprint": index.fingerprint, "renderer": RENDERER}
-    if cfg.teacher_mode == "fixed":
+    if cfg.mode.needs_center_cache:
         if cache.spec.name != "center":
             raise CacheMismatchError(
                 f"cache {cache.path} holds {cache.spec.name} views; a fixed teacher's cache "
@@ -219,7 +223,7 @@ def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
             f"--views {cfg.views} asked for, but cache {cache.path} holds {cache.spec.name} "
             "views; in cached mode the cache decides: drop --views or use another cache"
         )
-    if cfg.plan_seed is not None and cfg.teacher_mode == "cached":
+    if cfg.plan_seed is not None and cfg.mode.replays_cache_views:
         expected["plan_seed"] = cfg.plan_seed
     if cfg.teacher_image_size is not None:
         expected["teacher_image_size"] = cfg.teacher_image_size
@@ -246,21 +250,13 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
 
 
 def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.SparseTarget:
-    if cfg.teacher_mode in ("cached", "fixed"):
-        return T.from_topk(
-            item["topk_logits"], item["topk_index"], item["lse"], run.num_classes
-        ).to(device, non_blocking=True)
-    if cfg.teacher_mode in ("online", "independent"):
-        return T.from_logits(teacher_logits(run.teacher.module, item["teacher_pixels"], device))
-    return T.from_labels(item["label"], item["partner_label"], item["lam"], run.num_classes).to(
-        device, non_blocking=True
-    )
+    """The batch's target, made as the teacher mode says (cache rows, live teacher, labels)."""
+    return run.mode.target(item, run, device)
 
 
 def _loss(cfg: TrainConfig, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
-    if cfg.teacher_mode == "none":
-        return T.cross_entropy(logits, target)
-    return T.kl_divergence(logits, target, cfg.temperature)
+    """The teacher mode's loss (KL at ``--temperature``, or cross-entropy on labels)."""
+    return cfg.mode.loss(logits, target, cfg.temperature)
 
 
 def _zero_loss(student: torch.nn.Module, size: int, device: torch.device) -> torch.Tensor:
@@ -454,7 +450,7 @@ def _fit(
         seed=cfg.seed,
         mean=cfg.student_mean,
         std=cfg.student_std,
-        asked_by="the teacher's classes" if cfg.teacher_mode != "none" else "the labels",
+        asked_by="the labels" if run.mode.trains_on_labels else "the teacher's classes",
     )
     student_input = built.convention
     student = prepare_model(built.module, device, eval_mode=False)
@@ -668,7 +664,7 @@ def _train_epoch(
         order = order[order < cfg.limit]
     batches = rank_batches(order, cfg.batch_size, place.world, place.rank)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
-    mode = cfg.teacher_mode
+    mode = run.mode
     stream = StreamSpec(
         run.index,
         batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
@@ -676,15 +672,17 @@ def _train_epoch(
         run.image_size,
         run.spec,
         run.plan_seed,
-        cache=run.cache if mode == "cached" else None,
+        cache=run.cache if mode.replays_cache_views else None,
         cache_epoch=cache_epoch,
-        teacher_image_size=run.teacher_image_size if mode in ("online", "independent") else None,
-        target_cache=run.cache if mode == "fixed" else None,
-        teacher_stream=INDEPENDENT_STREAM if mode == "independent" else None,
+        teacher_image_size=run.teacher_image_size if mode.runs_teacher else None,
+        target_cache=run.cache if mode.needs_center_cache else None,
+        teacher_stream=mode.teacher_stream,
         student_input=student_input,
         teacher_input=run.teacher_input,
         strict=cfg.strict,
-        max_image_pixels=cfg.max_image_pixels,
+        # Rows a cache calls usable were judged by its pixel limit: decode up to it.
+        max_image_pixels=cfg.max_image_pixels
+        or (run.cache.meta.get("max_image_pixels") if run.cache is not None else None),
     )
     loader = DataLoader(
         PackedBatches(TrainBatches(stream)),
