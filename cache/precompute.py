@@ -37,7 +37,7 @@ from kdcache.runtime import (
     topk_rows,
 )
 from kdcache.store import Cache, create_cache, open_cache
-from kdcache.units import UnitReader, needed_images
+from kdcache.units import UnitReader, needed_images, row_status
 from kdcache.views import ViewSpec, get_spec, sample_unit_views
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,7 @@ class _WorkBatches(Dataset):
         )
         rows = np.arange(u.start + lo, u.start + hi)
         images, failed = self._reader.decode(needed_images(rows, views.partner))
-        status = np.array(
-            [
-                failed.get(int(r), schema.PARTNER_UNUSABLE if p in failed else schema.OK)
-                for r, p in zip(rows, views.partner, strict=True)
-            ],
-            dtype=np.uint8,
-        )
-        # An image whose size could not be read has an empty box; it did not decode either.
-        status[(views.box[:, 2] == 0) & (status == schema.OK)] = schema.UNDECODABLE
+        status = row_status(rows, views.partner, views.box, failed)
         if self.labels_rule is not None:  # a schema-1 cache: its one status, its label rule
             label = self.index.label[rows]
             bad = (status != schema.OK) | (label < 0) | (label >= self.labels_rule)

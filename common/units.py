@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -138,6 +138,29 @@ class UnitReader:
                 continue
             self._remember(i, images[i])
         return images, failed
+
+
+def row_status(
+    rows: np.ndarray, partner: np.ndarray, box: np.ndarray, failed: Mapping[int, int]
+) -> np.ndarray:
+    """Whether each row's view can be rendered, once its images were decoded: the one rule
+    precompute writes into the cache and training applies to fresh views.
+
+    rows, partner: (n,) global indices (partner -1: not mixed); box: (n, 4) the own crop (an
+    empty box: the image's size was unreadable); failed: :meth:`UnitReader.decode`'s reasons.
+    -> (n,) uint8 status: OK, the row's own reason, or PARTNER_UNUSABLE. Labels play no part.
+    """
+    status = np.array(
+        [
+            failed.get(
+                int(r), schema.PARTNER_UNUSABLE if p >= 0 and int(p) in failed else schema.OK
+            )
+            for r, p in zip(rows, partner, strict=True)
+        ],
+        dtype=np.uint8,
+    ).reshape(-1)
+    status[(np.asarray(box).reshape(-1, 4)[:, 2] == 0) & (status == schema.OK)] = schema.UNDECODABLE
+    return status
 
 
 def needed_images(rows: np.ndarray, partner: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from kdcache.data.index import DatasetIndex
 from kdcache.render import IMAGENET, InputConvention, normalize, render_raw, render_views
 from kdcache.replay import TARGET_FIELDS, cached_unit_views, fresh_unit_views
 from kdcache.store import Cache
-from kdcache.units import UnitReader, needed_images
+from kdcache.units import UnitReader, needed_images, row_status
 from kdcache.views import Views, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class TrainBatches(Dataset):
         rows = np.asarray(s.batches[b], dtype=np.int64)
         views, ok, targets, teacher_views = self._gather(rows)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))
-        if failed:
-            ok &= ~np.isin(rows, list(failed)) & ~np.isin(views.partner, list(failed))
+        if failed:  # precompute's rule (row_status); without failures it changes nothing here
+            ok &= row_status(rows, views.partner, views.box, failed) == schema.OK
         rows, views = rows[ok], views.take(ok)
         partner = np.where(views.partner >= 0, views.partner, rows)
         raw = render_raw(views, rows, images, s.image_size)
