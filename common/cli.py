@@ -237,6 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "warmup",
         "clip_grad",
         "temperature",
+        "loss",
         "workers",
         "device",
         "num_classes",
@@ -778,6 +779,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation (Beyer et al. 2022 names)")
     g.add_argument("--epochs", type=int, required=True)
     _add_optim_options(g)
+    g.add_argument(
+        "--loss",
+        metavar="SPEC",
+        default=None,
+        help="the loss: name(k=v) terms joined by +, each with a weight w, e.g. "
+        "'kl(t=2)+ce(w=0.1)' or 'kl+myloss:Smooth(w=0.5)' (a class in ./myloss.py); built-ins "
+        "kl, ce; see docs/extending.md [kl(t=--temperature), ce() with --teacher-mode none]",
+    )
     g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
     _device(g)
 

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
+from kdcache.losses import Sum, create_loss, parse_loss
 from kdcache.train.modes import MODES, TeacherMode, get_mode
 from kdcache.views import MIN_IMAGE_SIZE
 
@@ -42,6 +43,7 @@ class TrainConfig:
     warmup: float = 1.0  # epochs of linear warm-up
     clip_grad: float = 1.0
     temperature: float = 1.0
+    loss: str | None = None  # a loss spec (kdcache.losses); None: the teacher mode's default
     window: int = 4  # units shuffled together inside an epoch
     workers: int = 2
     device: str = "auto"
@@ -63,6 +65,16 @@ class TrainConfig:
     def mode(self) -> TeacherMode:
         """The :class:`~kdcache.train.modes.TeacherMode` that ``teacher_mode`` names."""
         return get_mode(self.teacher_mode)
+
+    def create_loss(self) -> Sum:
+        """The run's loss: ``--loss``, or the mode's default (``kl(t=TEMPERATURE)`` with a
+        teacher, ``ce()`` on labels). With ``--loss``, a ``--temperature`` other than 1 is the
+        ``t`` of each term that takes one and names none (``validate`` refuses a term naming
+        its own ``t`` then: which would win is not obvious)."""
+        if self.loss is None:
+            return create_loss(self.mode.default_loss(self.temperature))
+        defaults = {"t": float(self.temperature)} if self.temperature != 1 else {}
+        return create_loss(self.loss, defaults)
 
     def validate(self) -> None:
         """Check the options against each other; report every problem at once."""
@@ -103,6 +115,8 @@ class TrainConfig:
                 problems.append(
                     f"{option} must be {'positive' if positive else 'at least 0'}, got {value}"
                 )
+        if self.loss is not None:
+            problems += _loss_problems(self.loss, self.temperature)
         if not _DEVICE.fullmatch(str(self.device)):
             problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for name in ("image_size", "teacher_image_size"):
@@ -114,3 +128,19 @@ class TrainConfig:
                 )
         if problems:
             raise KdcacheError("; ".join(problems))
+
+
+def _loss_problems(spec: str, temperature: float) -> list[str]:
+    """``--loss`` checked without importing a user's module: grammar, names, weights, and no
+    ``t`` given twice (in a term and by ``--temperature``)."""
+    try:
+        terms = parse_loss(spec)
+    except KdcacheError as e:
+        return [str(e)]
+    named = [str(t) for t in terms if "t" in t.kwargs]
+    if temperature != 1 and named:
+        return [
+            f"--temperature {temperature} and --loss {spec!r} both set a temperature "
+            f"({', '.join(named)}): drop --temperature, or the t= of the --loss terms"
+        ]
+    return []

@@ -7,7 +7,8 @@ CLI and ``kdcache ablate`` ask the object what the mode needs and does, never it
 - what it needs: ``--cache`` (and whether that is a one-epoch center cache), ``--teacher``;
 - where the student's views come from (replayed from the cache, or fresh from the plan), whether
   the teacher's input is rendered and from which view stream (``None``: the student's views);
-- how a batch's target is made (cache rows, a live teacher, labels) and which loss it uses.
+- how a batch's target is made (cache rows, a live teacher, labels) and its default loss
+  spec (``--loss`` overrides it; :mod:`kdcache.losses`).
 
 This module imports neither torch nor zarr (``kdcache --help`` reads the mode names); the
 target and loss functions import torch when they are first called.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.losses import create_loss
 from kdcache.views import INDEPENDENT_STREAM, ViewSpec
 
 
@@ -49,27 +51,24 @@ def _labels(item: dict, run: Any, device: Any) -> Any:
     )
 
 
-def _kl(logits: Any, target: Any, temperature: float) -> Any:
-    from kdcache import targets as T
-
-    return T.kl_divergence(logits, target, temperature)
+def _kl_at(temperature: float) -> str:
+    return f"kl(t={float(temperature)!r})"
 
 
-def _cross_entropy(logits: Any, target: Any, temperature: float) -> Any:
-    from kdcache import targets as T
-
-    return T.cross_entropy(logits, target)  # hard labels: no temperature
+def _hard_ce(temperature: float) -> str:
+    return "ce()"  # hard labels: no temperature
 
 
 @dataclass(frozen=True)
 class TeacherMode:
     """One teacher mode. ``target(item, run, device)`` makes a batch's ``SparseTarget``
-    (``run`` gives ``num_classes`` and ``teacher``); ``loss(logits, target, temperature)``."""
+    (``run`` gives ``num_classes`` and ``teacher``); ``default_loss(temperature)`` is the loss
+    spec (:mod:`kdcache.losses`) the mode trains with when no ``--loss`` is given."""
 
     name: str
     default_views: str | None  # the student's views without --views; None: the cache's
     target: Callable[[dict, Any, Any], Any]
-    loss: Callable[[Any, Any, float], Any]
+    default_loss: Callable[[float], str]  # --temperature -> the loss spec without --loss
     cache_hint: str | None = None  # needs --cache; the sentence saying what it must hold
     needs_center_cache: bool = False  # the cache holds the teacher on center views, 1 epoch
     replays_cache_views: bool = False  # the student's views (and targets) are the cache's
@@ -89,6 +88,10 @@ class TeacherMode:
         return not (
             self.trains_on_labels or self.needs_center_cache or self.teacher_stream is not None
         )
+
+    def loss(self, logits: Any, target: Any, temperature: float) -> Any:
+        """The default loss at ``temperature`` on one batch (the trainer creates it once)."""
+        return create_loss(self.default_loss(temperature))(logits, target)
 
     def allows(self, spec: ViewSpec) -> bool:
         """Whether the student may train on ``spec``'s views in this mode."""
@@ -112,16 +115,16 @@ MODES: dict[str, TeacherMode] = {
             "cached",
             None,
             _cache_rows,
-            _kl,
+            _kl_at,
             cache_hint=" (make one with `kdcache precompute`)",
             replays_cache_views=True,
         ),
-        TeacherMode("online", "function_matching", _live_teacher, _kl, runs_teacher=True),
+        TeacherMode("online", "function_matching", _live_teacher, _kl_at, runs_teacher=True),
         TeacherMode(
             "fixed",
             "consistent",
             _cache_rows,
-            _kl,
+            _kl_at,
             cache_hint=": a one-epoch cache of center views (`kdcache train` makes it when "
             "--teacher is given)",
             needs_center_cache=True,
@@ -131,12 +134,12 @@ MODES: dict[str, TeacherMode] = {
             "independent",
             "consistent",
             _live_teacher,
-            _kl,
+            _kl_at,
             runs_teacher=True,
             teacher_stream=INDEPENDENT_STREAM,
             unmixed_only=True,
         ),
-        TeacherMode("none", "function_matching", _labels, _cross_entropy, trains_on_labels=True),
+        TeacherMode("none", "function_matching", _labels, _hard_ce, trains_on_labels=True),
     )
 }
 

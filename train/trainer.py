@@ -31,6 +31,7 @@ from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.lock import output_lock, process_running
+from kdcache.losses import Sum
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
@@ -66,10 +67,12 @@ class _Run:
     accuracy_basis: str  # labels | label_map | none
     label_map: np.ndarray | None
     mode: TeacherMode
+    loss: Sum  # --loss, or the mode's default; loss.describe() is its resolved spec
 
 
 def _resolve(cfg: TrainConfig) -> _Run:
     mode = cfg.mode
+    loss = cfg.create_loss()  # first: a user's loss that does not import fails before any work
     cache, cache_epochs = None, []
     if mode.reads_cache:
         cache = open_cache(cfg.cache)
@@ -170,6 +173,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
         basis,
         label_map,
         mode,
+        loss,
     )
 
 
@@ -254,9 +258,10 @@ def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.
     return run.mode.target(item, run, device)
 
 
-def _loss(cfg: TrainConfig, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
-    """The teacher mode's loss (KL at ``--temperature``, or cross-entropy on labels)."""
-    return cfg.mode.loss(logits, target, cfg.temperature)
+def _loss(run: _Run, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
+    """The run's loss: ``--loss``, or the mode's default (KL at ``--temperature``, or
+    cross-entropy on labels)."""
+    return run.loss(logits, target)
 
 
 def _zero_loss(student: torch.nn.Module, size: int, device: torch.device) -> torch.Tensor:
@@ -311,6 +316,7 @@ RUN_OPTIONS = (
     "warmup",
     "clip_grad",
     "temperature",
+    "loss",
     "window",
     "limit",
     "num_classes",
@@ -709,7 +715,7 @@ def _train_epoch(
             target = _target(cfg, run, item, device)
             with autocast(device):
                 logits = student(pixels)
-            loss = _loss(cfg, logits.float(), target)
+            loss = _loss(run, logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -876,6 +882,7 @@ def _write_config(cfg: TrainConfig, run: _Run, student_input: InputConvention) -
         "train_samples": run.index.num_samples,
         "data_fingerprint": run.index.fingerprint,
         "cache_epochs": len(run.cache_epochs) or None,
+        "loss_resolved": run.loss.describe(),
     }
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(resolved, f, indent=2)

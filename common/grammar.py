@@ -1,0 +1,175 @@
+"""The one grammar of kdcache's component strings: ``name(k=v, ...)`` terms joined by a separator.
+
+Losses join terms with ``+`` (``kl(t=2)+ce(w=0.1)``); view ops will join them with ``|``. A
+name is a registered one (``kl``) or a user's own, ``pkg.module:Class``. Each value is a Python
+literal read with :func:`ast.literal_eval`: an int, float, bool or quoted string. A term without
+arguments may drop its parentheses (``kl`` is ``kl()``). A spec that does not parse is a
+:class:`KdcacheError` naming the column (1-based) and what to write instead.
+
+This module imports only the standard library (``kdcache --help`` may read it).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+_NAME = re.compile(r"[A-Za-z_][\w.]*(?::[A-Za-z_]\w*)?")
+_KEY = re.compile(r"\s*([A-Za-z_]\w*)\s*=")
+_LITERALS = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One ``name(k=v, ...)``; ``column`` is where its name starts in the spec (1-based)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    column: int
+
+    @property
+    def is_user(self) -> bool:
+        """A user's own ``pkg.module:Class`` rather than a registered name."""
+        return ":" in self.name
+
+    def __str__(self) -> str:
+        return format_term(self.name, self.kwargs)
+
+
+def format_term(name: str, kwargs: dict[str, Any]) -> str:
+    """``name(k=v, ...)`` with the values as literals, the form :func:`parse` reads back."""
+    if not kwargs:
+        return name
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+class _Parser:
+    def __init__(self, spec: str, sep: str, what: str, example: str):
+        self.spec, self.sep, self.what, self.example = spec, sep, what, example
+        self.pos = 0
+
+    def fail(self, pos: int, problem: str, fix: str) -> KdcacheError:
+        shown = self.spec[:pos] + "<here>" + self.spec[pos:]
+        return KdcacheError(
+            f"{self.what} {self.spec!r}, column {pos + 1} ({shown!r}): {problem}; {fix}"
+        )
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.spec) and self.spec[self.pos].isspace():
+            self.pos += 1
+
+    def terms(self) -> list[Term]:
+        out = [self.term()]
+        while self.pos < len(self.spec):
+            if not self.spec.startswith(self.sep, self.pos):
+                raise self.fail(
+                    self.pos,
+                    f"expected {self.sep!r} or the end, got {self.spec[self.pos]!r}",
+                    f"join terms with {self.sep!r}, as in {self.example}",
+                )
+            self.pos += len(self.sep)
+            out.append(self.term())
+        return out
+
+    def term(self) -> Term:
+        self.skip_space()
+        m = _NAME.match(self.spec, self.pos)
+        if m is None:
+            got = repr(self.spec[self.pos]) if self.pos < len(self.spec) else "the end"
+            raise self.fail(
+                self.pos,
+                f"expected a name, got {got}",
+                f"write a registered name or pkg.module:Class, as in {self.example}",
+            )
+        column = self.pos + 1
+        self.pos = m.end()
+        self.skip_space()
+        kwargs: dict[str, Any] = {}
+        if self.pos < len(self.spec) and self.spec[self.pos] == "(":
+            kwargs = self.arguments()
+            self.skip_space()
+        return Term(m.group(), kwargs, column)
+
+    def arguments(self) -> dict[str, Any]:
+        """From ``(`` to its ``)``: ``k=v`` pairs split at commas outside quotes."""
+        opened = self.pos
+        self.pos += 1
+        kwargs: dict[str, Any] = {}
+        while True:
+            self.skip_space()
+            if self.spec.startswith(")", self.pos):
+                self.pos += 1
+                return kwargs
+            m = _KEY.match(self.spec, self.pos)
+            if m is None:
+                if self.pos >= len(self.spec):
+                    raise self.fail(opened, "'(' is never closed", "close it with ')'")
+                raise self.fail(
+                    self.pos,
+                    "expected an argument key=value",
+                    "write arguments as key=value separated by commas, e.g. (t=2, w=0.5)",
+                )
+            key, start = m.group(1), m.end()
+            if key in kwargs:
+                raise self.fail(m.start(1), f"{key} is given twice", "give each argument once")
+            end = self.value_end(start, opened)
+            kwargs[key] = self.value(key, start, end)
+            self.pos = end
+            if self.spec.startswith(",", self.pos):
+                self.pos += 1
+
+    def value_end(self, start: int, opened: int) -> int:
+        """Where the value starting at ``start`` ends: the next ``,`` or ``)`` outside quotes."""
+        quote, i = None, start
+        while i < len(self.spec):
+            c = self.spec[i]
+            if quote:
+                if c == "\\":
+                    i += 1
+                elif c == quote:
+                    quote = None
+            elif c in "'\"":
+                quote = c
+            elif c in ",)":
+                return i
+            i += 1
+        if quote:
+            raise self.fail(
+                start, f"the string {quote}... is never closed", f"close it with {quote}"
+            )
+        raise self.fail(opened, "'(' is never closed", "close it with ')'")
+
+    def value(self, key: str, start: int, end: int) -> Any:
+        text = self.spec[start:end].strip()
+        if not text:
+            raise self.fail(start, f"{key} has no value", f"write {key}=VALUE, e.g. {key}=2")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, _LITERALS):
+            raise self.fail(
+                start,
+                f"the value of {key}, {text}, is not an int, float, bool or string literal",
+                f"write a number, True/False, or a quoted string such as {key}='{text}'",
+            )
+        return value
+
+
+def parse(
+    spec: str, sep: str = "+", what: str = "spec", example: str = "kl(t=2)+ce(w=0.1)"
+) -> list[Term]:
+    """``spec`` -> its terms, in order. ``what`` names the spec in errors (``--loss``) and
+    ``example`` shows a good one; a :class:`KdcacheError` when it does not parse."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise KdcacheError(f"{what} is empty; write one or more terms, as in {example}")
+    return _Parser(spec, sep, what, example).terms()
+
+
+def format_terms(terms: list[Term], sep: str = "+") -> str:
+    """The terms back as one spec, the form :func:`parse` reads."""
+    return sep.join(str(t) for t in terms)
