@@ -1,4 +1,5 @@
-"""The precompute stage: teacher inference over many epochs of views -> a Zarr cache."""
+"""The precompute stage: teacher inference over many epochs of views -> a Zarr cache
+(:mod:`kdcache.teacher_pass` does the work; :mod:`kdcache.cache.verify` checks a cache)."""
 
 from kdcache.cache.precompute import PrecomputeConfig, precompute
 

@@ -257,41 +257,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
         cfg.batch_size = min(cfg.batch_size, 32)
-    if cfg.mode.needs_center_cache and cfg.cache and (cfg.teacher or not os.path.exists(cfg.cache)):
-        _make_fixed_cache(cfg)  # makes, finishes or (when complete) just checks it
     result = _fit_with_bars(cfg)
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
-
-
-def _make_fixed_cache(cfg: Any) -> None:
-    """The fixed teacher's predictions: a one-epoch cache of center views, made once."""
-    from kdcache.cache import PrecomputeConfig, precompute
-
-    if not cfg.teacher:
-        raise KdcacheError(
-            f"no cache at {cfg.cache}; to make the fixed teacher's cache there, "
-            "name the teacher with --teacher (and --teacher-weights)"
-        )
-    log.info("making the fixed teacher's cache %s (center views, 1 epoch)", cfg.cache)
-    pre = PrecomputeConfig(
-        data=cfg.data,
-        teacher=cfg.teacher,
-        teacher_weights=cfg.teacher_weights,
-        out=cfg.cache,
-        epochs=1,
-        views="center",
-        num_classes=cfg.num_classes,
-        teacher_mean=cfg.teacher_mean,
-        teacher_std=cfg.teacher_std,
-        limit=cfg.limit,
-        plan_seed=cfg.plan_seed or 0,
-        teacher_image_size=cfg.teacher_image_size or cfg.image_size,
-        workers=cfg.workers,
-        device=cfg.device,
-    )
-    with _bar(None, "fixed teacher") as update:
-        precompute(pre, progress=update)
 
 
 def _fit_with_bars(cfg: Any) -> dict[str, Any]:

@@ -182,3 +182,34 @@ def test_the_readme_table_shows_the_registry_defaults():
     assert set(rows) == set(MODES)
     for name, m in MODES.items():
         assert rows[name] == (f"`{m.default_views}`" if m.default_views else "the cache's"), name
+
+
+def test_fit_makes_the_fixed_teachers_center_cache_as_the_cli_does(tmp_path, train_dir, val_dir):
+    """The Python API and the CLI prepare fixed mode alike (the cache is made by fit)."""
+    from kdcache.store import open_cache
+    from kdcache.train import fit
+
+    cache = str(tmp_path / "center.zarr")
+    cfg = TrainConfig(
+        data=train_dir,
+        val=val_dir,
+        student="kdcache:tiny_cnn",
+        out=str(tmp_path / "run"),
+        epochs=1,
+        teacher_mode="fixed",
+        cache=cache,
+        teacher="kdcache:tiny_cnn",
+        image_size=16,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        command="pytest",
+    )
+    fit(cfg)
+    made = open_cache(cache)
+    assert made.spec.name == "center" and made.complete_epochs() == [0]
+    assert made.meta["teacher_image_size"] == 16
+    without = TrainConfig(**{**cfg.__dict__, "cache": str(tmp_path / "none.zarr"), "teacher": None,
+                             "out": str(tmp_path / "run2")})  # fmt: skip
+    with pytest.raises(KdcacheError, match="name the teacher with --teacher"):
+        fit(without)

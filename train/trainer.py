@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import dist
 from kdcache import targets as T
+from kdcache.data import fs
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
@@ -36,6 +37,7 @@ from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
+from kdcache.teacher_pass import PrecomputeConfig, precompute
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
@@ -434,7 +436,44 @@ def fit(
         if place.main:
             _prepare_out(cfg, held)
         place.barrier()
+        if cfg.mode.needs_center_cache:
+            _prepare_center_cache(cfg)
         return _fit(cfg, place, device, on_step, on_epoch)
+
+
+def _prepare_center_cache(cfg: TrainConfig) -> None:
+    """The fixed teacher's predictions: a one-epoch cache of center views at ``cfg.cache``,
+    made on first use when the teacher is named (finished, or only checked, when it exists).
+    Every rank takes part, as in ``kdcache precompute``."""
+    if not cfg.teacher:
+        if not fs.exists(cfg.cache):
+            raise KdcacheError(
+                f"no cache at {cfg.cache}; to make the fixed teacher's cache there, "
+                "name the teacher with --teacher (and --teacher-weights)"
+            )
+        return  # an existing center cache, used as it is (checked when opened)
+    log.info("fixed teacher: the cache %s (center views, 1 epoch)", cfg.cache)
+    precompute(
+        PrecomputeConfig(
+            data=cfg.data,
+            teacher=cfg.teacher,
+            teacher_weights=cfg.teacher_weights,
+            out=cfg.cache,
+            epochs=1,
+            views="center",
+            num_classes=cfg.num_classes,
+            teacher_mean=cfg.teacher_mean,
+            teacher_std=cfg.teacher_std,
+            max_image_pixels=cfg.max_image_pixels,
+            limit=cfg.limit,
+            plan_seed=cfg.plan_seed or 0,
+            teacher_image_size=cfg.teacher_image_size or cfg.image_size,
+            workers=cfg.workers,
+            device=cfg.device,
+            strict=cfg.strict,
+            command=cfg.command,
+        )
+    )
 
 
 def _fit(

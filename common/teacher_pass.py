@@ -1,0 +1,429 @@
+"""The teacher pass: render teacher views, run the teacher, write the cache unit by unit.
+
+``kdcache precompute`` runs it (:mod:`kdcache.cache.precompute`), and so does the fixed teacher
+of the training stage (a one-epoch cache of center views), which is why it lives in the core.
+A work unit is one (epoch, unit). DataLoader workers decode and render batches of one work unit
+(batches never straddle units), the main process runs the teacher and keeps the top-k, and a
+background thread writes each finished work unit whole, then marks it done. Re-running the same
+command skips done units; asking for more epochs extends the cache without rewriting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache import dist, faults, schema
+from kdcache.data.index import DatasetIndex, load_index
+from kdcache.dist import Dist
+from kdcache.errors import KdcacheError
+from kdcache.lock import output_lock
+from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
+from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
+from kdcache.runtime import (
+    HostCopy,
+    library_versions,
+    loader_kwargs,
+    prepare_model,
+    resolve_device,
+    teacher_logits,
+    topk_rows,
+)
+from kdcache.store import Cache, create_cache, open_cache
+from kdcache.unit_writer import UnitWriter
+from kdcache.units import UnitReader, needed_images, row_status
+from kdcache.views import ViewSpec, get_spec, sample_unit_views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything ``kdcache precompute`` needs; the CLI builds one from its options."""
+
+    data: str
+    teacher: str
+    out: str
+    epochs: int
+    teacher_weights: str | None = None
+    topk: int | None = None  # default min(10, classes)
+    views: str = "function_matching"
+    plan_seed: int = 0
+    teacher_image_size: int | str = 224  # or "auto": the data's median short side
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    compile: bool = False
+    num_classes: int | None = None  # default: the teacher's own head (built-ins: label count)
+    teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's convention
+    teacher_std: tuple[float, float, float] | None = None
+    max_image_pixels: int | None = None  # larger images are bad rows; None: Pillow's limit
+    chunk_rows: int | None = None
+    limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
+    strict: bool = False  # unusable images are errors instead of marked and counted
+    limit_units: int | None = None  # only the first N units
+    command: str = field(default_factory=lambda: shlex.join(sys.argv))
+
+    def validate(self) -> None:
+        """Check every number before any work starts; report every problem at once."""
+        problems = [
+            f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+            for name, value, low in (
+                ("epochs", self.epochs, 1),
+                ("topk", self.topk, 1),
+                ("batch_size", self.batch_size, 1),
+                ("workers", self.workers, 0),
+                ("num_classes", self.num_classes, 2),
+                ("plan_seed", self.plan_seed, 0),
+                ("limit", self.limit, 1),
+                ("max_image_pixels", self.max_image_pixels, 1),
+            )
+            if value is not None and value < low
+        ]
+        if problems:
+            raise KdcacheError("; ".join(problems))
+
+
+def cache_identity(
+    index: DatasetIndex,
+    teacher: Model,
+    spec: ViewSpec,
+    plan_seed: int,
+    k: int,
+    image_size: int,
+) -> dict:
+    """The attributes that say what a cache is (see :data:`kdcache.schema.IDENTITY_KEYS`)."""
+    return {
+        "data_fingerprint": index.fingerprint,
+        "teacher_weights_hash": weights_hash(teacher.module),
+        "teacher": teacher.spec,
+        "views": spec.to_dict(),
+        "plan_seed": plan_seed,
+        "topk": k,
+        "num_classes": teacher.num_classes,
+        "teacher_image_size": image_size,
+        "renderer": RENDERER,
+        "teacher_input": teacher.convention.identity(),
+    }
+
+
+class _WorkBatches(Dataset):
+    """Item ``b``: the rendered teacher views of batch ``b`` of the work list."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        spec: ViewSpec,
+        plan_seed: int,
+        size: int,
+        batches: list[tuple[int, int, int, int]],
+        convention: InputConvention,
+        labels_rule: int | None,
+        strict: bool = False,
+        max_pixels: int | None = None,
+    ):
+        """labels_rule: None, or the class count of a schema-1 cache being extended, whose rule
+        also marks rows without a label, or with one outside the classes, bad."""
+        self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
+        self.batches, self.convention, self.labels_rule = batches, convention, labels_rule
+        self.strict = strict  # a shard cut short: an error, not a warning
+        self.max_pixels = max_pixels
+        self._reader: UnitReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict:
+        epoch, unit, lo, hi = self.batches[b]
+        if self._reader is None:
+            self._reader = UnitReader(
+                self.index, capacity=2, strict=self.strict, max_pixels=self.max_pixels
+            )
+        u = self.index.units[unit]
+        sizes = self.index.size[u.start : u.start + u.count]
+        views = sample_unit_views(self.spec, self.plan_seed, epoch, u.start, sizes).take(
+            slice(lo, hi)
+        )
+        rows = np.arange(u.start + lo, u.start + hi)
+        images, failed = self._reader.decode(needed_images(rows, views.partner))
+        status = row_status(rows, views.partner, views.box, failed)
+        if self.labels_rule is not None:  # a schema-1 cache: its one status, its label rule
+            label = self.index.label[rows]
+            bad = (status != schema.OK) | (label < 0) | (label >= self.labels_rule)
+            status = np.where(bad, schema.BAD_INPUT, schema.OK).astype(np.uint8)
+        good = status == schema.OK
+        pixels = torch.zeros(len(rows), 3, self.size, self.size)
+        if good.any():
+            pixels[torch.from_numpy(good)] = render_views(
+                views.take(good), rows[good], images, self.size, self.convention
+            )
+        return {"batch": b, "views": views, "status": status, "pixels": pixels}
+
+
+def _plan_work(
+    cache: Cache, epochs: int, batch_size: int, limit_units: int | None, place: Dist | None = None
+) -> list[tuple[int, int, int, int]]:
+    """(epoch, unit, lo, hi) batches of this rank's work units not yet done, epoch-major.
+
+    Work unit (e, u) belongs to rank ``(e * units + u) % world``: a pure function of the unit,
+    so ranks agree without talking, whenever each of them reads the done marks, and a resumed
+    job may use any number of ranks (the done marks, not the assignment, say what is left).
+    """
+    place = place or Dist()
+    done = cache.done_mask()
+    n_units = len(cache.units) if limit_units is None else min(limit_units, len(cache.units))
+    batches = []
+    for epoch in range(epochs):
+        for unit in range(n_units):
+            if done[epoch, unit] or (epoch * len(cache.units) + unit) % place.world != place.rank:
+                continue
+            count = int(cache.units[unit]["count"])
+            batches += [
+                (epoch, unit, lo, min(lo + batch_size, count)) for lo in range(0, count, batch_size)
+            ]
+    return batches
+
+
+def _stored_index(path: str) -> DatasetIndex | None:
+    """The index held by an existing cache at ``path`` (a job resumed on another machine)."""
+    try:
+        return open_cache(path).dataset_index()
+    except KdcacheError:
+        return None
+
+
+def _open_or_create(
+    cfg: PrecomputeConfig, index: DatasetIndex, identity: dict, teacher: Model
+) -> Cache:
+    meta_extra = {
+        "teacher_weights": cfg.teacher_weights,
+        "teacher_random_init": not cfg.teacher_weights,
+        "teacher_interpolation": teacher.convention.interpolation,
+        # the pixel limit its rows were judged by: readers of OK rows decode up to it
+        "max_image_pixels": cfg.max_image_pixels,
+        "versions": library_versions(),
+        "command": cfg.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        cache = open_cache(cfg.out, mode="a")
+    except KdcacheError:
+        cache = None
+    if cache is None:
+        meta = {**identity, **meta_extra, "data": index.describe()}
+        samples = {"key_hash": index.key_hash, "label": index.label, "size": index.size}
+        return create_cache(cfg.out, meta, samples, cfg.epochs, cfg.chunk_rows)
+    cache.check_identity(identity, what="this precompute job")
+    cache.extend(cfg.epochs)
+    return cache
+
+
+Progress = Callable[..., None]  # progress(n, total=None): n views done; total once, at the start
+
+
+def precompute(cfg: PrecomputeConfig, progress: Progress | None = None) -> dict:
+    """Run (or resume, or extend) a precompute job. Returns a summary dict.
+
+    progress: called once with ``(0, total=views to do)``, then with the number of views just
+        finished (the CLI's progress bar).
+    """
+    cfg.validate()
+    spec = get_spec(cfg.views)
+    place, device_name = dist.setup(cfg.device)
+    device = resolve_device(device_name)
+    # One job per cache: a second one (a requeue race) says who holds it instead of wiping a
+    # cache being created or writing the same units twice. Rank 0 holds it for the job.
+    with output_lock(cfg.out, "cache", enabled=place.main):
+        return _precompute(cfg, spec, place, device, progress)
+
+
+def _precompute(
+    cfg: PrecomputeConfig,
+    spec: ViewSpec,
+    place: Dist,
+    device: torch.device,
+    progress: Progress | None,
+) -> dict:
+    index = load_index(cfg.data, known=lambda: _stored_index(cfg.out), strict=cfg.strict)
+    size = resolve_image_size(cfg.teacher_image_size, index.short_sides, "--teacher-image-size")
+    teacher = load_model(
+        cfg.teacher,
+        image_size=size,
+        num_classes=cfg.num_classes,
+        default_classes=index.num_classes,
+        weights=cfg.teacher_weights,
+        mean=cfg.teacher_mean,
+        std=cfg.teacher_std,
+    )
+    warn_random_teacher(cfg.teacher, cfg.teacher_weights)
+    num_classes = teacher.num_classes
+    k = cfg.topk or min(10, num_classes)
+    if k > num_classes:
+        raise KdcacheError(f"--topk {k} is more than the teacher's {num_classes} classes")
+    log.info(
+        "teacher %s: %d classes, input %s, %d px",
+        cfg.teacher,
+        num_classes,
+        teacher.convention.describe(),
+        size,
+    )
+    if teacher.convention.interpolation != "bilinear":
+        log.info(
+            "the teacher names %s interpolation; kdcache resizes bilinearly (recorded as "
+            "teacher_interpolation)",
+            teacher.convention.interpolation,
+        )
+    identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size)
+    # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
+    # once it is there, and every rank checks it is the cache this job means.
+    cache = _open_or_create(cfg, index, identity, teacher) if place.main else None
+    place.barrier()
+    if cache is None:
+        cache = open_cache(cfg.out, mode="a")
+        cache.check_identity(identity, what="this precompute job")
+    if schema.labels_rule(cache.schema_version):
+        log.info(
+            "%s is a schema-%d cache: extending it keeps its rule (rows without a label, or "
+            "with one outside the teacher's classes, are marked bad)",
+            cfg.out,
+            cache.schema_version,
+        )
+    module = prepare_model(teacher.module, device, eval_mode=True, compile=cfg.compile)
+    limit_units = cfg.limit_units
+    if cfg.limit is not None:
+        holding = sum(1 for u in index.units if u.start < cfg.limit)
+        limit_units = holding if limit_units is None else min(limit_units, holding)
+    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, limit_units, place)
+    total = sum(hi - lo for _, _, lo, hi in batches)
+    if progress:
+        progress(0, total=total)
+    log.info(
+        "precompute: %d images to do in %d batches (%d epochs, %d units)",
+        total,
+        len(batches),
+        cfg.epochs,
+        len(cache.units),
+    )
+    started = time.perf_counter()
+    stats = _run(
+        cache, module, device, index, spec, cfg, batches, k, size, teacher.convention, progress
+    )
+    seconds = time.perf_counter() - started
+    # Every rank's units are committed before anyone reports; the counts are the job's.
+    reasons = schema.BAD_STATUSES
+    counts = place.sum([total, stats["units"], *(stats["bad"].get(r, 0) for r in reasons)], device)
+    total, units, by_reason = int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]]
+    return {
+        "cache": cfg.out,
+        "images": total,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
+        "bad_rows": sum(by_reason),
+        "bad_rows_by_reason": {
+            schema.STATUS_NAMES[r]: c for r, c in zip(reasons, by_reason, strict=True) if c
+        },
+        "units_written": units,
+        "world_size": place.world,
+        "epochs_complete": len(cache.complete_epochs()),
+        "config": asdict(cfg),
+    }
+
+
+def _run(
+    cache: Cache,
+    teacher: torch.nn.Module,
+    device: torch.device,
+    index: DatasetIndex,
+    spec: ViewSpec,
+    cfg: PrecomputeConfig,
+    batches: list,
+    k: int,
+    size: int,
+    convention: InputConvention,
+    progress: Progress | None,
+) -> dict:
+    labels_rule = cache.num_classes if schema.labels_rule(cache.schema_version) else None
+    dataset = _WorkBatches(
+        index,
+        spec,
+        cfg.plan_seed,
+        size,
+        batches,
+        convention,
+        labels_rule,
+        cfg.strict,
+        cfg.max_image_pixels,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        **loader_kwargs(cfg.workers),
+    )
+    pending: dict[tuple[int, int], list] = {}
+    stats: dict = {"bad": {}, "units": 0}
+
+    def finish(item: dict, host: HostCopy) -> None:
+        epoch, unit, lo, hi = batches[item["batch"]]
+        bad = item["status"] != schema.OK
+        if cfg.strict and bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            first = index.units[unit].start + lo + at
+            raise KdcacheError(
+                f"--strict: {int(bad.sum())} unusable rows in shard {index.units[unit].name} "
+                f"(first: sample {first}, position {lo + at}: "
+                f"{schema.STATUS_NAMES[int(item['status'][at])]}); fix the data or drop --strict "
+                "to mark them bad and skip them"
+            )
+        parts = pending.setdefault((epoch, unit), [])
+        parts.append((lo, item["views"], item["status"], host.numpy()))
+        if hi == int(cache.units[unit]["count"]):
+            rows = _assemble(pending.pop((epoch, unit)))
+            writer.submit(epoch, unit, rows)
+            for reason, count in zip(*np.unique(rows["status"], return_counts=True), strict=True):
+                if reason != schema.OK:
+                    stats["bad"][int(reason)] = stats["bad"].get(int(reason), 0) + int(count)
+            stats["units"] += 1
+        if progress:
+            progress(hi - lo)
+
+    # Batch b's top-k is copied to the host while batch b+1 runs on the device: the teacher
+    # is given its next batch before anyone waits on the previous copy.
+    in_flight: tuple[dict, HostCopy] | None = None
+    with UnitWriter(cache) as writer:
+        for item in loader:
+            logits = teacher_logits(teacher, item["pixels"], device)
+            host = HostCopy(topk_rows(logits, k))
+            faults.point("batch")
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (item, host)
+        if in_flight is not None:
+            finish(*in_flight)
+    return stats
+
+
+def _assemble(parts: list) -> dict[str, np.ndarray]:
+    """Concatenate a work unit's batches into its row fields."""
+    parts.sort(key=lambda p: p[0])
+    out: dict[str, list] = {f.name: [] for f in schema.ROW_FIELDS}
+    for _, views, status, rows in parts:
+        for name in schema.VIEW_FIELDS:
+            out[name].append(getattr(views, name))
+        for name, values in rows.items():
+            out[name].append(values)
+        out["status"].append(status)
+    fields = {name: np.concatenate(chunks) for name, chunks in out.items()}
+    bad = fields["status"] != schema.OK
+    for name in ("topk_logits", "topk_index", "lse"):  # the teacher saw a blank image there
+        fields[name][bad] = 0
+    return fields
