@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 from kdcache import schema
 from kdcache.data.index import load_index
 from kdcache.errors import CacheDamagedError, KdcacheError
-from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
-from kdcache.render import RENDERER, render_views
+from kdcache.models import Model, load_model, warn_random_teacher
+from kdcache.render import render_views
 from kdcache.replay import cached_unit_views
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import open_cache
+from kdcache.teacher_pass import cache_identity
 from kdcache.units import UnitReader, needed_images
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,7 @@ def verify(
             raise KdcacheError(f"--{name} must be at least {low}, got {value}")
     cache = open_cache(cache_path, mode="a" if repair else "r")
     index = load_index(data, known=cache.dataset_index)
-    cache.check_identity(
-        {"data_fingerprint": index.fingerprint, "renderer": RENDERER}, what=f"data {data}"
-    )
+    cache.check_identity(cache_identity(index), what=f"data {data}")
     teacher = load_model(
         teacher_spec,
         image_size=int(cache.meta["teacher_image_size"]),
@@ -149,14 +148,7 @@ def verify(
         asked_by=f"the cache {cache_path}",
     )
     warn_random_teacher(teacher_spec, teacher_weights)
-    cache.check_identity(
-        {
-            "teacher": teacher_spec,
-            "teacher_weights_hash": weights_hash(teacher.module),
-            "teacher_input": teacher.convention.identity(),
-        },
-        what="--teacher",
-    )
+    cache.check_identity(cache_identity(teacher=teacher), what="--teacher")
     damage = cache.scan()
     repaired = 0
     if damage and not repair:

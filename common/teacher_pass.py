@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,26 +94,35 @@ class PrecomputeConfig:
 
 
 def cache_identity(
-    index: DatasetIndex,
-    teacher: Model,
-    spec: ViewSpec,
-    plan_seed: int,
-    k: int,
-    image_size: int,
-) -> dict:
-    """The attributes that say what a cache is (see :data:`kdcache.schema.IDENTITY_KEYS`)."""
-    return {
-        "data_fingerprint": index.fingerprint,
-        "teacher_weights_hash": weights_hash(teacher.module),
-        "teacher": teacher.spec,
-        "views": spec.to_dict(),
-        "plan_seed": plan_seed,
-        "topk": k,
-        "num_classes": teacher.num_classes,
-        "teacher_image_size": image_size,
-        "renderer": RENDERER,
-        "teacher_input": teacher.convention.identity(),
-    }
+    index: DatasetIndex | None = None,
+    teacher: Model | None = None,
+    spec: ViewSpec | None = None,
+    plan_seed: int | None = None,
+    k: int | None = None,
+    image_size: int | None = None,
+) -> dict[str, Any]:
+    """The attributes that say what a cache is (:data:`kdcache.schema.IDENTITY_KEYS`), as far
+    as the parts given tell them, in that order; what a part not given (None) would say is left
+    out, so ``cache.check_identity(cache_identity(...))`` checks what the caller knows.
+
+    index: the data (``data_fingerprint``, and the ``renderer`` that turns it into views);
+    teacher: ``teacher``, ``teacher_weights_hash``, ``num_classes``, ``teacher_input``;
+    spec: ``views``; plan_seed, k (``topk``), image_size (``teacher_image_size``).
+    A precompute job gives every part: the full identity, a new cache's attributes.
+    """
+    known: dict[str, Any] = {"plan_seed": plan_seed, "topk": k, "teacher_image_size": image_size}
+    if index is not None:
+        known.update(data_fingerprint=index.fingerprint, renderer=RENDERER)
+    if teacher is not None:
+        known.update(
+            teacher_weights_hash=weights_hash(teacher.module),
+            teacher=teacher.spec,
+            num_classes=teacher.num_classes,
+            teacher_input=teacher.convention.identity(),
+        )
+    if spec is not None:
+        known["views"] = spec.to_dict()
+    return {key: known[key] for key in schema.IDENTITY_KEYS if known.get(key) is not None}
 
 
 class _WorkBatches(Dataset):

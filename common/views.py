@@ -63,10 +63,6 @@ class ViewSpec:
     crop_fraction: float = 0.875
 
     @property
-    def random(self) -> bool:
-        return self.crop != "center" or self.flip or self.mix != "none"
-
-    @property
     def mixes(self) -> bool:
         return self.mix != "none"
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from kdcache.cache import PrecomputeConfig, precompute
-from kdcache.data.shards import ShardWriter
+from kdcache.cli.shards import ShardWriter
 
 NUM_CLASSES = 10
 TEACHER = "kdcache:tiny_cnn"

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import TEACHER, TEACHER_SIZE, run_cli
 
-from kdcache.ablate import DEFAULT_MODES, AblateConfig, ablate, parse_mode
+from kdcache.cli.ablate import DEFAULT_MODES, AblateConfig, ablate, parse_mode
 from kdcache.errors import KdcacheError
 from kdcache.store import open_cache
 

@@ -8,8 +8,8 @@ from conftest import NUM_CLASSES, SIZES, TEACHER_SIZE, cache_config, synthetic_i
 
 from kdcache import schema
 from kdcache.cache import precompute
+from kdcache.cli.shards import ShardWriter
 from kdcache.data.index import load_index
-from kdcache.data.shards import ShardWriter
 from kdcache.store import open_cache
 from kdcache.train import fit
 from kdcache.train.config import TrainConfig

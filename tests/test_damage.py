@@ -20,7 +20,7 @@ from conftest import (
 from kdcache import schema
 from kdcache.cache import precompute
 from kdcache.cache.verify import verify
-from kdcache.data.shards import ShardWriter
+from kdcache.cli.shards import ShardWriter
 from kdcache.errors import CacheDamagedError, KdcacheError
 from kdcache.store import open_cache
 from kdcache.train import TrainConfig, fit

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 
 from kdcache import targets as T
-from kdcache.ablate import DEFAULT_PRESET, GRID_PRESET, parse_mode
+from kdcache.cli.ablate import DEFAULT_PRESET, GRID_PRESET, parse_mode
 from kdcache.errors import KdcacheError
 from kdcache.train.config import DEFAULT_VIEWS, TEACHER_MODES, TrainConfig
 from kdcache.train.modes import MODES, get_mode

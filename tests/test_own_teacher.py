@@ -20,7 +20,7 @@ from conftest import png, run_cli
 from PIL import Image
 
 from kdcache import schema
-from kdcache.data.shards import ShardWriter
+from kdcache.cli.shards import ShardWriter
 from kdcache.models import load_model, resolve_convention
 from kdcache.render import IMAGENET
 from kdcache.store import open_cache

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import run_cli, synthetic_image
 
-from kdcache.data.shards import ShardWriter
+from kdcache.cli.shards import ShardWriter
 from kdcache.errors import KdcacheError
 from kdcache.lock import lock_path, output_lock
 from kdcache.runtime import resolve_device

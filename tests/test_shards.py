@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import png, run_cli
 
+from kdcache.cli.shards import write_shards
 from kdcache.data import fs
-from kdcache.data.shards import write_shards
 from kdcache.errors import KdcacheError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdcache.cache import PrecomputeConfig, precompute
-from kdcache.data.shards import write_shards
+from kdcache.cli.shards import write_shards
 from kdcache.train import TrainConfig, fit
 
 pytestmark = pytest.mark.slow

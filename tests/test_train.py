@@ -30,8 +30,8 @@ from conftest import (
 )
 
 from kdcache.cache import precompute
+from kdcache.cli.shards import write_shards
 from kdcache.data.index import load_index
-from kdcache.data.shards import write_shards
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.render import IMAGENET

@@ -84,7 +84,7 @@ def synthetic_jpeg(rng: np.random.Generator) -> bytes:
 
 
 def make_shards(out: str, samples: int, per_shard: int = 256) -> str:
-    from kdcache.data.shards import ShardWriter
+    from kdcache.cli.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     writer = ShardWriter(out, "train", per_shard)
@@ -117,6 +117,14 @@ def _rendered_batches(c: dict, n_batches: int) -> list:
     return [ds[b]["pixels"] for b in range(len(ds))]
 
 
+class _Run:
+    """What a teacher mode's ``target`` reads of the trainer's run: the class count (and no
+    live teacher: the bench's modes take their targets from labels or cache rows)."""
+
+    num_classes = NUM_CLASSES
+    teacher = None
+
+
 def _sync(device: Any) -> None:
     import torch
 
@@ -128,27 +136,35 @@ def stage_models(c: dict) -> dict:
     """Teacher forward-only and student train-step time per image, on pre-rendered batches."""
     import torch
 
+    from kdcache.losses import create_loss
     from kdcache.models import create_model
-    from kdcache.runtime import autocast, prepare_model, resolve_device, teacher_logits
+    from kdcache.runtime import prepare_model, resolve_device, teacher_logits
+    from kdcache.train.modes import get_mode
+    from kdcache.train.step import student_pixels, train_step
 
     device = resolve_device(c["device"])
-    batches = [b.to(device) for b in _rendered_batches(c, 4)]
+    batches = [student_pixels(b, device) for b in _rendered_batches(c, 4)]
     teacher = prepare_model(create_model(c["teacher"], NUM_CLASSES), device, eval_mode=True)
     student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    labels = torch.zeros(len(batches[0]), dtype=torch.long, device=device)
+    # The student step of hard-label training (the "none" mode's target and default loss).
+    hard = get_mode("none")
+    loss = create_loss(hard.default_loss(1.0))
+
+    def labels_target(n: int) -> Any:
+        labels = torch.zeros(n, dtype=torch.long)
+        item = {"label": labels, "partner_label": labels, "lam": torch.ones(n)}
+        return hard.target(item, _Run(), device)
+
+    steps = [(x, labels_target(len(x))) for x in batches]
 
     def teacher_pass() -> None:
         for x in batches:
             teacher_logits(teacher, x, device)
 
     def student_pass() -> None:
-        for x in batches:
-            with autocast(device):
-                loss = torch.nn.functional.cross_entropy(student(x).float(), labels[: len(x)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        for x, target in steps:
+            train_step(student, opt, x, target, loss, 0, device)
 
     images = sum(len(x) for x in batches)
     out = {}
@@ -233,12 +249,14 @@ def stage_loader(c: dict) -> dict:
     student forward, loss, backward, optimizer step)."""
     import torch
 
-    from kdcache import targets
     from kdcache.data.index import load_index
+    from kdcache.losses import create_loss
     from kdcache.models import create_model
-    from kdcache.runtime import autocast, prepare_model, resolve_device
+    from kdcache.runtime import prepare_model, resolve_device
     from kdcache.store import open_cache
+    from kdcache.train.modes import get_mode
     from kdcache.train.plan import epoch_order, rank_batches
+    from kdcache.train.step import student_pixels, train_step
     from kdcache.train.stream import StreamSpec, TrainBatches
 
     index, cache = load_index(c["data"]), open_cache(c["cache"])
@@ -269,27 +287,15 @@ def stage_loader(c: dict) -> dict:
     device = resolve_device(c["device"])
     student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    # The trainer's own parts: each mode's target and default loss, and its step.
+    teacher_mode = {"hard": get_mode("none"), "cached": get_mode("cached")}
+    losses = {m: create_loss(teacher_mode[m].default_loss(1.0)) for m in modes}
 
     def step(mode: str, b: int) -> None:
         item = modes[mode][b]
-        if mode == "cached":
-            target = targets.from_topk(
-                item["topk_logits"], item["topk_index"], item["lse"], NUM_CLASSES
-            )
-        else:
-            target = targets.from_labels(
-                item["label"], item["partner_label"], item["lam"], NUM_CLASSES
-            )
-        target = target.to(device, non_blocking=True)
-        with autocast(device):
-            logits = student(item["pixels"].to(device, non_blocking=True)).float()
-        if mode == "cached":
-            loss = targets.kl_divergence(logits, target, 1.0)
-        else:
-            loss = targets.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        target = teacher_mode[mode].target(item, _Run(), device)
+        pixels = student_pixels(item["pixels"], device)
+        train_step(student, opt, pixels, target, losses[mode], 0, device)
         _sync(device)
 
     step("hard", 0)  # warm-up

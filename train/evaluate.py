@@ -28,8 +28,6 @@ from kdcache.views import get_spec
 
 log = logging.getLogger(__name__)
 
-ACCURACY_BASES = ("labels", "label_map", "none")
-
 
 def eval_batches(
     index: DatasetIndex,

@@ -33,15 +33,16 @@ from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.lock import output_lock, process_running
 from kdcache.losses import Sum
-from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
-from kdcache.render import IMAGENET, RENDERER, InputConvention, resolve_image_size
-from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
+from kdcache.models import Model, load_model, warn_random_teacher
+from kdcache.render import IMAGENET, InputConvention, resolve_image_size
+from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
-from kdcache.teacher_pass import PrecomputeConfig, precompute
+from kdcache.teacher_pass import PrecomputeConfig, cache_identity, precompute
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
 from kdcache.train.plan import epoch_order, rank_batches
+from kdcache.train.step import student_pixels, train_step, zero_pixels
 from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, unpack
 from kdcache.views import ViewSpec, get_spec
 
@@ -134,14 +135,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
             asked_by=f"the cache {cfg.cache}" if cache is not None else "--num-classes",
         )
         if cache is not None:
-            cache.check_identity(
-                {
-                    "teacher": cfg.teacher,
-                    "teacher_weights_hash": weights_hash(teacher.module),
-                    "teacher_input": teacher.convention.identity(),
-                },
-                what="--teacher",
-            )
+            cache.check_identity(cache_identity(teacher=teacher), what="--teacher")
         elif mode.runs_teacher:
             warn_random_teacher(cfg.teacher, cfg.teacher_weights)
         num_classes = teacher.num_classes
@@ -216,7 +210,6 @@ def _check_class_count(index: DatasetIndex, val: DatasetIndex, label_classes: in
 
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     """Refuse a cache made from other data or with other views than this run asks for."""
-    expected: dict[str, Any] = {"data_fingerprint": index.fingerprint, "renderer": RENDERER}
     if cfg.mode.needs_center_cache:
         if cache.spec.name != "center":
             raise CacheMismatchError(
@@ -229,10 +222,11 @@ def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
             f"--views {cfg.views} asked for, but cache {cache.path} holds {cache.spec.name} "
             "views; in cached mode the cache decides: drop --views or use another cache"
         )
-    if cfg.plan_seed is not None and cfg.mode.replays_cache_views:
-        expected["plan_seed"] = cfg.plan_seed
-    if cfg.teacher_image_size is not None:
-        expected["teacher_image_size"] = cfg.teacher_image_size
+    expected = cache_identity(
+        index,
+        plan_seed=cfg.plan_seed if cfg.mode.replays_cache_views else None,
+        image_size=cfg.teacher_image_size,
+    )
     try:
         cache.check_identity(expected, what="the training data")
     except CacheMismatchError as e:
@@ -264,13 +258,6 @@ def _loss(run: _Run, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tens
     """The run's loss: ``--loss``, or the mode's default (KL at ``--temperature``, or
     cross-entropy on labels)."""
     return run.loss(logits, target)
-
-
-def _zero_loss(student: torch.nn.Module, size: int, device: torch.device) -> torch.Tensor:
-    """A loss of exactly zero that still touches every parameter (an empty DDP step)."""
-    with autocast(device):
-        out = student(torch.zeros(2, 3, size, size, device=device))
-    return out.float().sum() * 0.0
 
 
 def _save_atomic(obj: Any, path: str) -> None:
@@ -746,20 +733,13 @@ def _train_epoch(
         if len(item["rows"]) == 0:
             # No usable row: step with a zero loss, as every rank must under DDP (and so the
             # schedule and the step count do not depend on which rows were usable).
-            loss = _zero_loss(student, run.image_size, device)
+            pixels, target = zero_pixels(run.image_size, device), None
         else:
-            pixels = item["pixels"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            pixels = student_pixels(item["pixels"], device)
             target = _target(cfg, run, item, device)
-            with autocast(device):
-                logits = student(pixels)
-            loss = _loss(run, logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        optimizer.step()
+        loss = train_step(
+            student, optimizer, pixels, target, lambda z, t: _loss(run, z, t), cfg.clip_grad, device
+        )
         schedule.step()
         total_loss += loss.detach() * len(item["rows"])
         images += len(item["rows"])

@@ -82,7 +82,7 @@ def _table(rows: list[tuple[str, Any]]) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from kdcache.data.shards import write_shards
+    from kdcache.cli.shards import write_shards
 
     limit = 200 if args.smoke else args.limit
     with _bar(limit, f"shards {args.split}") as update:
@@ -324,7 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from kdcache.ablate import DEFAULT_MODES, AblateConfig, ablate, format_table, with_smoke
+    from kdcache.cli.ablate import DEFAULT_MODES, AblateConfig, ablate, format_table, with_smoke
 
     def ints(text: str | None) -> tuple[int, ...]:
         try:
@@ -370,7 +370,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kdcache.demo import run_demo
+    from kdcache.cli.demo import run_demo
 
     report = run_demo(
         args.out,
@@ -380,7 +380,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar=_bar,
         fit=_fit_with_bars,
     )
-    from kdcache.demo import format_report
+    from kdcache.cli.demo import format_report
 
     _emit(args, report, lambda: print(format_report(report)))
     return 0

@@ -58,7 +58,7 @@ def run_demo(
     fit: the training entry point to use (the CLI passes one that draws progress bars).
     """
     from kdcache.cache import PrecomputeConfig, precompute
-    from kdcache.data.shards import write_shards
+    from kdcache.cli.shards import write_shards
     from kdcache.train import TrainConfig
     from kdcache.train import fit as plain_fit
     from kdcache.train.trainer import read_metrics
