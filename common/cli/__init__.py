@@ -8,6 +8,7 @@ Stage modules are imported inside each command, so ``kdcache --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -215,45 +216,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from kdcache.train import TrainConfig
 
-    keys = (
-        "data",
-        "val",
-        "student",
-        "out",
-        "epochs",
-        "teacher_mode",
-        "cache",
-        "teacher",
-        "teacher_weights",
-        "student_weights",
-        "views",
-        "plan_seed",
-        "seed",
-        "image_size",
-        "teacher_image_size",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "warmup",
-        "clip_grad",
-        "temperature",
-        "loss",
-        "workers",
-        "device",
-        "num_classes",
-        "resume",
-        "limit",
-        "checkpoint_every",
-        "strict",
-        "extend",
-        "student_mean",
-        "student_std",
-        "teacher_mean",
-        "teacher_std",
-        "label_map",
-        "max_image_pixels",
-    )
-    cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
+    # Every train option is a TrainConfig field of the same name; `command` is the
+    # subcommand's name here and the full command line there, so it is not taken.
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"command"}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if args.smoke:
         cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
         cfg.batch_size = min(cfg.batch_size, 32)
