@@ -12,7 +12,10 @@ This module imports only the standard library (``kdcache --help`` may read it).
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,3 +176,28 @@ def parse(
 def format_terms(terms: list[Term], sep: str = "+") -> str:
     """The terms back as one spec, the form :func:`parse` reads."""
     return sep.join(str(t) for t in terms)
+
+
+def user_object(source: str, name: str, what: str, kind: str = "callable") -> Any:
+    """``source:name`` -> the object, for a user's own component (``pkg.module:Class``).
+
+    The module is imported with the current directory on the path: ``kdcache`` is a console
+    script, so it is not there as it is for ``python -m``, and a user expects ``./mine.py`` to be
+    found. ``what`` names the option in errors (e.g. ``model spec 'mine:make'``).
+    """
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    importlib.invalidate_caches()  # a module written a moment ago is found
+    try:
+        module = importlib.import_module(source)
+    except Exception as e:  # ImportError, or the module's own error (a SyntaxError, ...)
+        raise KdcacheError(
+            f"cannot import {source!r} for {what} ({type(e).__name__}: {e}); the current "
+            f"directory {here} is on the path: run from the folder that holds "
+            f"{source.split('.')[0]}, or install its package"
+        ) from None
+    obj = getattr(module, name, None)
+    if not callable(obj):
+        raise KdcacheError(f"{source} has no {kind} {name!r} ({what})")
+    return obj

@@ -14,17 +14,14 @@ This module imports neither torch nor a user's module until a loss is created or
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kdcache.errors import KdcacheError
-from kdcache.grammar import Term, format_term, format_terms, parse
+from kdcache.grammar import Term, format_term, format_terms, parse, user_object
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -169,22 +166,6 @@ def _parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
 
 
 def _user_class(term: Term, what: str) -> Callable[..., Loss]:
-    """``pkg.module:Class`` -> the class, the module imported with the current directory on the
-    path (``kdcache`` is a console script: it is not there as it is for ``python -m``)."""
+    """``pkg.module:Class`` -> the class (:func:`kdcache.grammar.user_object`)."""
     source, _, name = term.name.partition(":")
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path:
-        sys.path.insert(0, here)
-    importlib.invalidate_caches()  # a module written a moment ago is found
-    try:
-        module = importlib.import_module(source)
-    except Exception as e:  # ImportError, or the module's own error (a SyntaxError, ...)
-        raise KdcacheError(
-            f"cannot import {source!r} for {what} term {term.name} ({type(e).__name__}: {e}); "
-            f"the current directory {here} is on the path: run from the folder that holds "
-            f"{source.split('.')[0]}, or install its package"
-        ) from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise KdcacheError(f"{source} has no class {name!r} ({what} term {term.name})")
-    return factory
+    return user_object(source, name, f"{what} term {term.name}", kind="class")

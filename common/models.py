@@ -13,11 +13,9 @@ carries (:func:`resolve_convention`), the built-ins ImageNet's.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KdcacheError
+from kdcache.grammar import user_object
 from kdcache.render import IMAGENET, InputConvention
 
 log = logging.getLogger(__name__)
@@ -106,23 +105,7 @@ def _timm_factory(name: str) -> Callable[..., nn.Module]:
 
 
 def _user_factory(spec: str, source: str, name: str) -> Callable[..., nn.Module]:
-    # `kdcache` is a console script, so the current directory is not on sys.path the way it is
-    # for `python -m`: put it there, so a factory in ./mymodels.py is found as a user expects.
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path:
-        sys.path.insert(0, here)
-    try:
-        module = importlib.import_module(source)
-    except Exception as e:  # ImportError, or the module's own error (a SyntaxError, ...)
-        raise KdcacheError(
-            f"cannot import {source!r} for model spec {spec!r} ({type(e).__name__}: {e}); the "
-            f"current directory {here} is on the path: run from the folder that holds "
-            f"{source.split('.')[0]}, or install its package"
-        ) from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise KdcacheError(f"{source} has no callable {name!r} (model spec {spec!r})")
-    return factory
+    return user_object(source, name, f"model spec {spec!r}")
 
 
 def _factory(spec: str) -> Callable[..., nn.Module]:
