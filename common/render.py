@@ -151,11 +151,13 @@ def render_raw(
 
 
 def normalize(x: np.ndarray, convention: InputConvention) -> torch.Tensor:
-    """(B, S, S, 3) float32 in [0, 1] -> (B, 3, S, S) float32 ``(x - mean) / std``; ``x`` is
-    left as it is, so one render can feed models of different conventions."""
-    y = x - np.asarray(convention.mean, dtype=np.float32)
-    y /= np.asarray(convention.std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)))
+    """(B, S, S, 3) float32 in [0, 1] -> (B, 3, S, S) float32 ``(x - mean) / std``.
+
+    ``x`` is normalised in place (a batch's pixels are not copied twice on the hot path): copy
+    it first when one render must also feed a model of another convention."""
+    x -= np.asarray(convention.mean, dtype=np.float32)
+    x /= np.asarray(convention.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def resolve_image_size(value: int | str, short_sides: np.ndarray, option: str) -> int:

@@ -460,3 +460,25 @@ def test_image_size_auto_and_the_upscale_warning(user, tmp_path):
                            "--out", tmp_path / "b.zarr", "--epochs", "1", "--smoke",
                            "--teacher-image-size", "224", *CPU)  # fmt: skip
     assert code == 0 and "upscales the data's images" in err and "auto" in err
+
+
+def test_teacher_and_student_of_other_conventions_get_their_own_pixels(train_dir):
+    """One render at one size feeds both models, normalised each its own way: bit for bit the
+    pixels each would get rendered alone (the student's are not the teacher's)."""
+    from kdcache.data.index import load_index
+    from kdcache.render import InputConvention, render_views
+    from kdcache.train.stream import StreamSpec, TrainBatches
+    from kdcache.units import UnitReader
+    from kdcache.views import get_spec, sample_unit_views
+
+    index, spec = load_index(train_dir), get_spec("function_matching")
+    half = InputConvention((0.5,) * 3, (0.5,) * 3)
+    rows = np.arange(index.units[0].count)
+    batch = TrainBatches(
+        StreamSpec(index, [rows], 0, 16, spec, 0, teacher_image_size=16, teacher_input=half)
+    )[0]
+    views = sample_unit_views(spec, 0, 0, 0, index.size[rows])
+    images, _ = UnitReader(index).decode(np.arange(index.units[0].count))
+    assert torch.equal(batch["pixels"], render_views(views, rows, images, 16, IMAGENET))
+    assert torch.equal(batch["teacher_pixels"], render_views(views, rows, images, 16, half))
+    assert not torch.equal(batch["pixels"], batch["teacher_pixels"])

@@ -82,6 +82,11 @@ class TrainBatches(Dataset):
         rows, views = rows[ok], views.take(ok)
         partner = np.where(views.partner >= 0, views.partner, rows)
         raw = render_raw(views, rows, images, s.image_size)
+        # The teacher's input is this very render when it sees the student's views at the
+        # student's size; it is normalised the teacher's way too only when that differs.
+        same_render = teacher_views is None and s.teacher_image_size == s.image_size
+        same_input = s.teacher_input.identity() == s.student_input.identity()
+        teacher_raw = raw.copy() if same_render and not same_input else None
         item = {
             "rows": torch.from_numpy(rows),
             "pixels": normalize(raw, s.student_input),
@@ -105,8 +110,9 @@ class TrainBatches(Dataset):
                 views, rows, images, s.teacher_image_size, s.teacher_input
             )
         elif s.teacher_image_size:  # the very same render, normalised the teacher's way
-            same = s.teacher_input.identity() == s.student_input.identity()
-            item["teacher_pixels"] = item["pixels"] if same else normalize(raw, s.teacher_input)
+            item["teacher_pixels"] = (
+                item["pixels"] if teacher_raw is None else normalize(teacher_raw, s.teacher_input)
+            )
         return item
 
     def _gather(
