@@ -339,3 +339,25 @@ def loss_tolerance(loss: float, temperature: float = 1.0) -> float:
 
     ulps = 4 * torch.finfo(torch.float32).eps * temperature**2 * math.log(NUM_CLASSES)
     return max(1e-5 * abs(loss), ulps)
+
+
+def small_run(train_dir: str, val_dir: str, out, **kw):
+    """A two-epoch hard-label run of tiny_cnn at 16 px on CPU; keyword arguments override."""
+    from kdcache.train.config import TrainConfig
+
+    opts = dict(
+        data=train_dir,
+        val=val_dir,
+        student="kdcache:tiny_cnn",
+        out=str(out),
+        epochs=2,
+        teacher_mode="none",
+        image_size=16,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        seed=3,
+        command="pytest",
+    )
+    opts.update(kw)
+    return TrainConfig(**opts)

@@ -18,37 +18,20 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, synthetic_image
+from conftest import run_cli, small_run, synthetic_image
 
 from kdcache.cli.shards import ShardWriter
 from kdcache.errors import KdcacheError
 from kdcache.lock import lock_path, output_lock
 from kdcache.runtime import resolve_device
 from kdcache.train import fit, trainer
-from kdcache.train.config import TrainConfig
 
 pytestmark = pytest.mark.faults
 
 STUDENT = "kdcache:tiny_cnn"
 
 
-def cfg(train_dir: str, val_dir: str, out, **kw) -> TrainConfig:
-    opts = dict(
-        data=train_dir,
-        val=val_dir,
-        student=STUDENT,
-        out=str(out),
-        epochs=2,
-        teacher_mode="none",
-        image_size=16,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        seed=3,
-        command="pytest",
-    )
-    opts.update(kw)
-    return TrainConfig(**opts)
+cfg = small_run  # the shared two-epoch hard-label run (conftest)
 
 
 def lines(out, name: str) -> list[dict]:

@@ -9,28 +9,11 @@ import os
 import sys
 
 import pytest
+from conftest import small_run
 
 from kdcache.train import fit
-from kdcache.train.config import TrainConfig
 
-
-def cfg(train_dir: str, val_dir: str, out, **kw) -> TrainConfig:
-    opts = dict(
-        data=train_dir,
-        val=val_dir,
-        student="kdcache:tiny_cnn",
-        out=str(out),
-        epochs=2,
-        teacher_mode="none",
-        image_size=16,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        seed=3,
-        command="pytest",
-    )
-    opts.update(kw)
-    return TrainConfig(**opts)
+cfg = small_run  # the shared two-epoch hard-label run (conftest)
 
 
 def test_each_epochs_numeric_metrics_are_tensorboard_scalars(train_dir, val_dir, tmp_path):
