@@ -1,4 +1,6 @@
-"""``kdcache verify``: re-render a random sample of cached views, re-run the teacher, compare.
+"""``kdcache verify``: the damage scan (:func:`scan`, every checksum of every committed unit),
+``--repair`` (recompute only the damaged units), then re-render a random sample of cached views,
+re-run the teacher and compare.
 
 The views are rebuilt through :mod:`kdcache.replay`, the trainer's own path, so a pass means the
 trainer replays what the teacher saw. Across machines expect ulp-level drift of the logits (and,
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ from kdcache.models import Model, load_model, warn_random_teacher
 from kdcache.render import render_views
 from kdcache.replay import cached_unit_views
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teacher_logits
-from kdcache.store import open_cache
+from kdcache.store import Cache, open_cache
 from kdcache.teacher_pass import cache_identity
 from kdcache.units import UnitReader, needed_images
 
@@ -149,7 +152,7 @@ def verify(
     )
     warn_random_teacher(teacher_spec, teacher_weights)
     cache.check_identity(cache_identity(teacher=teacher), what="--teacher")
-    damage = cache.scan()
+    damage = scan(cache)
     repaired = 0
     if damage and not repair:
         raise CacheDamagedError(_describe(cache_path, damage))
@@ -182,6 +185,55 @@ def verify(
         "damaged_units_repaired": repaired,
         "status_counts": counts,
     }
+
+
+def scan(cache: Cache, progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """Read every committed chunk of every array, checking every checksum.
+
+    Returns the damage found: ``{"array", "epoch" (None for per-sample arrays), "unit",
+    "error"}`` each. A committed unit whose rows read back as padding (a lost unit file)
+    counts as damaged too. progress: called with 1 per unit read.
+    """
+    damage: list[dict[str, Any]] = []
+
+    def record(array: str, epoch: int | None, unit: int, error: str) -> None:
+        damage.append({"array": array, "epoch": epoch, "unit": unit, "error": error})
+
+    try:
+        done = cache.done_mask()
+    except (OSError, ValueError, RuntimeError):  # then cell by cell, to name the bad marks
+        done = np.zeros((cache.epochs, len(cache.units)), dtype=bool)
+        for epoch, unit in np.ndindex(done.shape):
+            try:
+                done[epoch, unit] = bool(cache.array(schema.DONE_ARRAY)[epoch, unit])
+            except (OSError, ValueError, RuntimeError) as e:
+                record(schema.DONE_ARRAY, epoch, unit, str(e))
+    for unit in range(len(cache.units)):
+        for name in schema.SAMPLE_NAMES:
+            try:
+                cache.read_samples(unit, (name,))
+            except CacheDamagedError as e:
+                record(name, None, unit, str(e))
+    for epoch, unit in np.argwhere(done):
+        epoch, unit = int(epoch), int(unit)
+        try:
+            cache.committed_entry(epoch, unit)
+        except CacheDamagedError as e:  # nothing else of the unit can be checked
+            record(schema.MANIFEST_ARRAY, epoch, unit, str(e))
+            if progress:
+                progress(1)
+            continue
+        for name in schema.ROW_NAMES:
+            try:
+                values = cache.read_unit(epoch, unit, (name,))[name]
+            except CacheDamagedError as e:
+                record(name, epoch, unit, str(e))
+                continue
+            if name == "status" and (values == schema.PADDING).any():
+                record("status", epoch, unit, "committed rows are missing (a lost unit file?)")
+        if progress:
+            progress(1)
+    return damage
 
 
 def _describe(path: str, damage: list[dict]) -> str:
@@ -243,7 +295,7 @@ def _repair(
             command=m.get("command", "kdcache verify --repair"),
         )
     )
-    left = cache.scan()
+    left = scan(cache)
     if left:
         raise CacheDamagedError("repair did not fix everything: " + _describe(cache.path, left))
     return len(units)

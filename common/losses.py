@@ -55,6 +55,11 @@ def register_loss(name: str) -> Callable[[Callable[..., Loss]], Callable[..., Lo
     return add
 
 
+def _check_temperature(t: Any) -> None:
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"the temperature t must be a positive number, got {t!r}")
+
+
 @register_loss("kl")
 @dataclass(frozen=True)
 class KL:
@@ -62,6 +67,9 @@ class KL:
 
     t: float = 1.0
     name: ClassVar[str] = "kl"
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
 
     def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
         from kdcache import targets as T
@@ -80,6 +88,9 @@ class CE:
 
     t: float = 1.0
     name: ClassVar[str] = "ce"
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
 
     def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
         from kdcache import targets as T

@@ -8,11 +8,16 @@ Layout. Rows are ``unit * slot + position``: each unit (tar shard) owns a slot o
 (its largest unit rounded up to ``chunk_rows``; unused rows are padding) and one file (a chunk,
 or a Zarr shard of chunks for units longer than ``chunk_rows``) is exactly one (epoch, slot), so
 a work unit (epoch, unit) is written whole by one writer and no two units ever share a file.
+
+Units. The group attributes list the units (``data.units``); :class:`UnitRecord` is one entry,
+typed, read from the stored dict and written back to the same one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -96,6 +101,8 @@ SAMPLE_FIELDS: tuple[Field, ...] = (
         doc="decoded image (height, width); (0, 0) when unreadable",
     ),
 )
+ROW_NAMES = tuple(f.name for f in ROW_FIELDS)  # a manifest cell's checksums come in this order
+SAMPLE_NAMES = tuple(f.name for f in SAMPLE_FIELDS)  # and ``sample_checksums``' in this one
 VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
 DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit
 # (epochs, units, 2 + row arrays) uint32, one chunk per cell, written just before the done mark:
@@ -104,6 +111,58 @@ DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit mar
 # made before it existed (schema 1, and early schema 2) have none and are checked less.
 MANIFEST_ARRAY = "manifest"
 MANIFEST_FILL = 0xFFFFFFFF  # a cell never written: no (epoch, unit) is 2**32 - 1
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One unit (tar shard) of a cache, as its attributes record it (an entry of ``data.units``).
+
+    ``start``: its first global sample index; ``count``: its samples (rows ``unit * slot`` to
+    ``unit * slot + count``). ``url``, ``bytes`` and ``stamp`` say where the shard was when it was
+    indexed; None in caches that do not record them.
+    """
+
+    name: str
+    count: int
+    start: int
+    content_hash: str
+    url: str | None = None
+    bytes: int | None = None
+    stamp: str | None = None
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> UnitRecord:
+        """From a stored entry. A missing required key raises KeyError, a bad count TypeError or
+        ValueError: the reader turns those into damage."""
+        size = attrs.get("bytes")
+        return cls(
+            name=attrs["name"],
+            count=int(attrs["count"]),
+            start=int(attrs["start"]),
+            content_hash=attrs["content_hash"],
+            url=attrs.get("url"),
+            bytes=None if size is None else int(size),
+            stamp=attrs.get("stamp"),
+        )
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The stored entry: the keys and their order as caches hold them (those not known left
+        out)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "count": self.count,
+            "content_hash": self.content_hash,
+            "start": self.start,
+        }
+        for key in ("bytes", "url", "stamp"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @property
+    def located(self) -> bool:
+        """Whether the record says where the shard was (what adopting the cache's index needs)."""
+        return self.url is not None and self.bytes is not None and self.stamp is not None
 
 
 def rows_checksum(values: np.ndarray) -> int:

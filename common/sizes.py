@@ -108,7 +108,7 @@ def size_report(cache: Cache, done: np.ndarray | None = None) -> dict[str, Any] 
     if "://" in cache.path:
         return None
     done = cache.done_mask() if done is None else done
-    counts = np.array([int(u["count"]) for u in cache.units], dtype=np.int64)
+    counts = np.array([u.count for u in cache.units], dtype=np.int64)
     rows = int((done * counts[None, :]).sum())
     if not rows:
         return None

@@ -11,11 +11,9 @@ command skips done units; asking for more epochs extends the cache without rewri
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.lock import output_lock
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
+from kdcache.precompute_config import PrecomputeConfig
 from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
 from kdcache.runtime import (
     HostCopy,
@@ -44,53 +43,6 @@ from kdcache.units import UnitReader, needed_images, row_status
 from kdcache.views import ViewSpec, get_spec, sample_unit_views
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrecomputeConfig:
-    """Everything ``kdcache precompute`` needs; the CLI builds one from its options."""
-
-    data: str
-    teacher: str
-    out: str
-    epochs: int
-    teacher_weights: str | None = None
-    topk: int | None = None  # default min(10, classes)
-    views: str = "function_matching"
-    plan_seed: int = 0
-    teacher_image_size: int | str = 224  # or "auto": the data's median short side
-    batch_size: int = 256
-    workers: int = 2
-    device: str = "auto"
-    compile: bool = False
-    num_classes: int | None = None  # default: the teacher's own head (built-ins: label count)
-    teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's convention
-    teacher_std: tuple[float, float, float] | None = None
-    max_image_pixels: int | None = None  # larger images are bad rows; None: Pillow's limit
-    chunk_rows: int | None = None
-    limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
-    strict: bool = False  # unusable images are errors instead of marked and counted
-    limit_units: int | None = None  # only the first N units
-    command: str = field(default_factory=lambda: shlex.join(sys.argv))
-
-    def validate(self) -> None:
-        """Check every number before any work starts; report every problem at once."""
-        problems = [
-            f"--{name.replace('_', '-')} must be at least {low}, got {value}"
-            for name, value, low in (
-                ("epochs", self.epochs, 1),
-                ("topk", self.topk, 1),
-                ("batch_size", self.batch_size, 1),
-                ("workers", self.workers, 0),
-                ("num_classes", self.num_classes, 2),
-                ("plan_seed", self.plan_seed, 0),
-                ("limit", self.limit, 1),
-                ("max_image_pixels", self.max_image_pixels, 1),
-            )
-            if value is not None and value < low
-        ]
-        if problems:
-            raise KdcacheError("; ".join(problems))
 
 
 def cache_identity(
@@ -195,7 +147,7 @@ def _plan_work(
         for unit in range(n_units):
             if done[epoch, unit] or (epoch * len(cache.units) + unit) % place.world != place.rank:
                 continue
-            count = int(cache.units[unit]["count"])
+            count = cache.units[unit].count
             batches += [
                 (epoch, unit, lo, min(lo + batch_size, count)) for lo in range(0, count, batch_size)
             ]
@@ -396,7 +348,7 @@ def _run(
             )
         parts = pending.setdefault((epoch, unit), [])
         parts.append((lo, item["views"], item["status"], host.numpy()))
-        if hi == int(cache.units[unit]["count"]):
+        if hi == cache.units[unit].count:
             rows = _assemble(pending.pop((epoch, unit)))
             writer.submit(epoch, unit, rows)
             for reason, count in zip(*np.unique(rows["status"], return_counts=True), strict=True):

@@ -9,7 +9,7 @@ from types import TracebackType
 
 import numpy as np
 
-from kdcache.store import Cache
+from kdcache.cache_writer import CacheWriter
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class UnitWriter:
     and re-raises the first write error in the caller's thread.
     """
 
-    def __init__(self, cache: Cache, max_pending: int = 4):
+    def __init__(self, cache: CacheWriter, max_pending: int = 4):
         self.cache = cache
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None

@@ -161,7 +161,10 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's own errors (and --help) exit, as in a shell
+                code = e.code
     finally:
         logger.handlers[:] = state[0]
         logger.setLevel(state[1])

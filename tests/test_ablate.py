@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -14,6 +15,7 @@ from conftest import TEACHER, TEACHER_SIZE, run_cli
 from kdcache.cli.ablate import DEFAULT_MODES, AblateConfig, ablate, parse_mode
 from kdcache.errors import KdcacheError
 from kdcache.store import open_cache
+from kdcache.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,24 +31,28 @@ METRICS = (
 FM_MODES = ("online:function_matching", "cached:function_matching")
 
 
+GRID = {f.name for f in dataclasses.fields(AblateConfig)}
+
+
 def ablate_cfg(train_dir: str, val_dir: str, out, **kw) -> AblateConfig:
-    opts = dict(
+    """A grid of 2 seeds and patience budgets 1 and 2 over 1-epoch runs; ``kw`` sets grid
+    fields (modes, losses, seeds, patience) and the shared train options alike."""
+    train = dict(
         data=train_dir,
         val=val_dir,
         teacher=TEACHER,
-        teacher_weights=None,
         student=STUDENT,
         epochs=1,
         out=str(out),
-        seeds=2,
-        patience=(1, 2),
         image_size=TEACHER_SIZE,
         batch_size=8,
         workers=0,
         device="cpu",
     )
-    opts.update(kw)
-    return AblateConfig(**opts)
+    grid = dict(seeds=2, patience=(1, 2))
+    for key, value in kw.items():
+        (grid if key in GRID else train)[key] = value
+    return AblateConfig(train=TrainConfig(**train), **grid)
 
 
 def metrics_lines(out: str) -> dict[str, int]:
@@ -250,7 +256,7 @@ def test_cli_smoke(tmp_path, train_dir, val_dir):
     assert list(printed["modes"]) == list(DEFAULT_MODES)
     with open(out / "ablation.json") as f:
         written = json.load(f)
-    assert written["config"]["epochs"] == 1 and written["config"]["seeds"] == 1
+    assert written["config"]["train"]["epochs"] == 1 and written["config"]["seeds"] == 1
     for r in written["modes"].values():
         assert r["seeds"] == 1 and len(r["curve"]) == 1
     assert (out / "ablation.md").exists() and (out / "ablation.png").exists()
@@ -264,4 +270,4 @@ def test_cli_bad_patience(tmp_path, train_dir, val_dir):
     )  # fmt: skip
     assert code == 2
     assert "Traceback" not in err
-    assert "kdcache ablate: error: --patience" in err
+    assert "kdcache ablate: error: argument --patience: expected EPOCHS" in err

@@ -342,7 +342,7 @@ def test_precompute_smoke(digits, tmp_path):
     result = last_json(ok(*args, "--smoke")[0])
     assert result["config"]["epochs"] == 1 and result["config"]["limit"] == 256
     assert result["images"] == 300  # the shards (of 100) holding the first 256 samples, once
-    summary = open_cache(out).summary()
+    summary = last_json(ok("inspect", out, "--json")[0])
     assert summary["epochs_allocated"] == 1 and summary["rows_written"] == 300
 
 

@@ -238,10 +238,10 @@ def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypa
     and the same command finishes the cache once there is room again."""
     import errno
 
-    from kdcache import store
+    from kdcache.cache_writer import CacheWriter
 
     out = str(tmp_path / "c.zarr")
-    real = store.Cache.write_unit
+    real = CacheWriter.write_unit
     calls = {"n": 0}
 
     def full_after_two(self, epoch, unit, rows):
@@ -250,7 +250,7 @@ def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device", out)
         real(self, epoch, unit, rows)
 
-    monkeypatch.setattr(store.Cache, "write_unit", full_after_two)
+    monkeypatch.setattr(CacheWriter, "write_unit", full_after_two)
     argv = (
         "precompute",
         "--data",
@@ -273,6 +273,6 @@ def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypa
     code, _, stderr = run_cli(*argv)
     assert code == 2 and "No space left on device" in stderr and "Traceback" not in stderr
     assert open_cache(out).done_mask().sum() == 2
-    monkeypatch.setattr(store.Cache, "write_unit", real)
+    monkeypatch.setattr(CacheWriter, "write_unit", real)
     code, _, _ = run_cli(*argv)
     assert code == 0 and open_cache(out).done_mask().all()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import TEACHER, chunk_file, copy_tree, run_cli
 
+from kdcache.cache.inspect import summary
 from kdcache.cache.verify import verify
 from kdcache.errors import CacheDamagedError
 from kdcache.store import open_cache
@@ -109,10 +110,10 @@ def test_a_foreign_cache_file_is_damage(tmp_path, train_dir, tiny_cache):
 
 
 def test_inspect_says_how_a_cache_is_checked(tiny_cache):
-    assert "every committed unit file" in open_cache(tiny_cache).summary()["integrity"]
+    assert "every committed unit file" in summary(open_cache(tiny_cache))["integrity"]
     legacy = os.path.join(os.path.dirname(__file__), "data", "legacy-v1", "cache.zarr")
-    summary = open_cache(legacy).summary()
-    assert "chunk checksums only" in summary["integrity"]
+    report = summary(open_cache(legacy))
+    assert "chunk checksums only" in report["integrity"]
     code, out, _ = run_cli("inspect", legacy)
     assert code == 0 and "chunk checksums only" in out
 

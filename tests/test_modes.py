@@ -32,6 +32,7 @@ from conftest import (
 )
 
 from kdcache.cache import precompute
+from kdcache.cache.inspect import summary
 from kdcache.data.index import load_index
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.render import render_views
@@ -280,10 +281,10 @@ def test_fixed_makes_its_center_cache_once(train_dir, val_dir, tmp_path):
     cache = str(tmp_path / "fixed.zarr")
     first = last_json(ok(*fixed_args(train_dir, val_dir, cache, tmp_path / "a"))[0])
     assert first["cache_epoch"] == 0 and "teacher_agreement" in first
-    summary = open_cache(cache).summary()
-    assert summary["views"] == "center" and summary["epochs_complete"] == 1
-    assert summary["epochs_allocated"] == 1 and summary["teacher"] == TEACHER
-    assert summary["teacher_image_size"] == 16
+    report = summary(open_cache(cache))
+    assert report["views"] == "center" and report["epochs_complete"] == 1
+    assert report["epochs_allocated"] == 1 and report["teacher"] == TEACHER
+    assert report["teacher_image_size"] == 16
     state = tree_state(cache)
     done = open_cache(cache).done_mask()
 

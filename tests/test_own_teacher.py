@@ -20,6 +20,7 @@ from conftest import png, run_cli
 from PIL import Image
 
 from kdcache import schema
+from kdcache.cache.inspect import summary
 from kdcache.cli.shards import ShardWriter
 from kdcache.models import load_model, resolve_convention
 from kdcache.render import IMAGENET
@@ -410,14 +411,14 @@ def test_a_schema_1_cache_still_verifies_trains_and_extends(legacy, tmp_path):
     # label 7 makes 8 label classes against the teacher's 4: not the same space
     assert metrics["skipped_rows"] == 2 and metrics["accuracy_basis"] == "none"
     before = opened.read_unit(1, 0)["status"]
-    summary = result("precompute", "--data", data, "--teacher", "kdcache:tiny_cnn", "--out",
-                     cache, "--epochs", "3", "--num-classes", "4", "--teacher-image-size", "16",
-                     "--batch-size", "8", *CPU)  # fmt: skip
-    assert summary["bad_rows_by_reason"] == {"bad input": 2}  # the old rule, for epoch 2
+    made = result("precompute", "--data", data, "--teacher", "kdcache:tiny_cnn", "--out",
+                  cache, "--epochs", "3", "--num-classes", "4", "--teacher-image-size", "16",
+                  "--batch-size", "8", *CPU)  # fmt: skip
+    assert made["bad_rows_by_reason"] == {"bad input": 2}  # the old rule, for epoch 2
     extended = open_cache(cache)
     assert (extended.read_unit(2, 0)["status"] == before).all()
     assert extended.read_unit(1, 0)["status"].tolist() == before.tolist()
-    assert "schema 1" in extended.summary()["bad_row_rule"]
+    assert "schema 1" in summary(extended)["bad_row_rule"]
 
 
 # -- small things --------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_random_teacher_is_said_and_recorded(user, tmp_path):
     code, _, err = run_cli("precompute", "--data", user["train"], "--teacher", "kdcache:tiny_cnn",
                            "--out", out, "--epochs", "1", "--teacher-image-size", "16", *CPU)  # fmt: skip
     assert code == 0 and "no --teacher-weights" in err
-    assert open_cache(out).summary()["teacher_random_init"] is True
+    assert summary(open_cache(out))["teacher_random_init"] is True
 
 
 def test_quiet_has_no_bars_and_verify_says_when_it_checks_fewer(user, big_cache, tmp_path):

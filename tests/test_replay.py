@@ -62,7 +62,7 @@ def teacher():
 def raw_rows(cache, epoch: int, unit: int) -> dict[str, np.ndarray]:
     """A unit's rows straight from the Zarr arrays (not through the replay code)."""
     start = unit * cache.slot
-    count = int(cache.units[unit]["count"])
+    count = cache.units[unit].count
     return {f.name: cache.array(f.name)[epoch, start : start + count] for f in schema.ROW_FIELDS}
 
 
@@ -105,7 +105,7 @@ def test_cache_layout_and_sample_rows(cache, index):
     assert cache.topk == NUM_CLASSES == cache.num_classes
     assert cache.meta["teacher_image_size"] == TEACHER_SIZE
     assert cache.meta["data_fingerprint"] == index.fingerprint
-    assert [u["count"] for u in cache.units] == index.counts
+    assert [u.count for u in cache.units] == index.counts
     for unit, u in enumerate(index.units):
         samples = cache.read_samples(unit)
         assert np.array_equal(samples["key_hash"], index.key_hash[u.start : u.start + u.count])

@@ -10,6 +10,7 @@ from conftest import cache_config, run_cli, write_split
 
 from kdcache import schema
 from kdcache.cache import precompute
+from kdcache.cache.inspect import summary
 from kdcache.sizes import size_report
 from kdcache.store import open_cache
 
@@ -32,7 +33,7 @@ def caches(tmp_path_factory, one_torch_thread) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def summaries(caches) -> dict[int, dict]:
-    return {n: open_cache(path).summary() for n, path in caches.items()}
+    return {n: summary(open_cache(path)) for n, path in caches.items()}
 
 
 def test_small_shards_pay_more_overhead_per_row(summaries):
@@ -82,7 +83,7 @@ def test_recommended_shard_size_brings_overhead_under_ten_percent(
         assert 9 * fixed / rate == pytest.approx(s["shard_size_for_10pct_overhead"], abs=2)
         assert s["shard_size_for_10pct_overhead_on_disk"] > 10 * s["shard_size_for_10pct_overhead"]
     rec = recs[64]
-    made = open_cache(make_cache(tmp_path_factory.mktemp("rec"), rec, 2 * rec)).summary()
+    made = summary(open_cache(make_cache(tmp_path_factory.mktemp("rec"), rec, 2 * rec)))
     assert made["overhead_fraction"] < 0.13  # the model's 10 %, give or take F's slow growth
     assert made["overhead_fraction"] < summaries[64]["overhead_fraction"] / 2
 

@@ -15,9 +15,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from kdcache import zarr_compat
+from kdcache.cache_writer import _compressors
 from kdcache.chunks import ChunkFile
 from kdcache.errors import KdcacheError
-from kdcache.store import _compressors
 
 
 def test_the_installed_zarr_is_the_measured_series():

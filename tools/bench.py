@@ -326,6 +326,7 @@ def stage_rows(c: dict) -> dict:
     from numcodecs import blosc
 
     from kdcache import schema
+    from kdcache.cache.inspect import summary
     from kdcache.render import RENDERER
     from kdcache.runtime import topk_rows
     from kdcache.store import create_cache, open_cache
@@ -381,7 +382,7 @@ def stage_rows(c: dict) -> dict:
         rows = {f: getattr(views, f) for f in schema.VIEW_FIELDS}
         rows.update(top, status=np.full(per_unit, schema.OK, np.uint8))
         cache.write_unit(0, u, rows)
-    bytes_per_row = open_cache(c["rows_cache"]).summary()["bytes_per_row"]
+    bytes_per_row = summary(open_cache(c["rows_cache"]))["bytes_per_row"]
     reader = open_cache(c["rows_cache"])
     t = time.perf_counter()
     for u in range(units):

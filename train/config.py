@@ -10,8 +10,21 @@ from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
 from kdcache.losses import Sum, create_loss, parse_loss
+from kdcache.options import (
+    DEVICE_HELP,
+    LABEL_MAP_HELP,
+    MAX_PIXELS_HELP,
+    PLAN_SEED_HELP,
+    VIEWS_HELP,
+    WEIGHTS_HELP,
+    WORKERS_HELP,
+    mean_help,
+    num_classes_help,
+    option,
+)
+from kdcache.precompute_config import PrecomputeConfig
 from kdcache.train.modes import MODES, TeacherMode, get_mode
-from kdcache.views import MIN_IMAGE_SIZE
+from kdcache.views import MIN_IMAGE_SIZE, PRESETS
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 # Aliases derived from the mode registry (kdcache.train.modes), kept for their importers.
@@ -20,46 +33,174 @@ TEACHER_MODES = tuple(MODES)
 DEFAULT_VIEWS = {name: m.default_views for name, m in MODES.items() if m.default_views}
 
 
+# What a run's config.json holds beside its options: what the run resolved. Given back with
+# --config they are checked against what the new run resolves (fit's ``expect``), not taken.
+RESOLVED_KEYS = (
+    "image_size_resolved",
+    "student_input",
+    "teacher_input",
+    "accuracy_basis",
+    "view_spec",
+    "resolved_plan_seed",
+    "teacher_image_size_resolved",
+    "train_samples",
+    "data_fingerprint",
+    "cache_epochs",
+    "loss_resolved",
+)
+# The help sections of the train options.
+RUN = "data and run"
+MODELS = "models"
+VIEWS = "views"
+OPTIM = "optimisation (Beyer et al. 2022 names)"
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    val: str
-    student: str
-    out: str
-    epochs: int
-    teacher_mode: str = "cached"
-    cache: str | None = None
-    teacher: str | None = None
-    teacher_weights: str | None = None
-    student_weights: str | None = None
-    views: str | None = None  # default: the cache's preset, or function_matching
-    plan_seed: int | None = None  # default: the cache's, or 0
-    seed: int = 0
-    image_size: int | str = 224  # or "auto": the data's median short side
-    teacher_image_size: int | str | None = None  # default: the cache's, or image_size
-    batch_size: int = 256  # global, split over ranks
-    lr: float = 1e-3
-    weight_decay: float = 1e-4  # AdamW's (multiplied by lr, as in PyTorch)
-    warmup: float = 1.0  # epochs of linear warm-up
-    clip_grad: float = 1.0
-    temperature: float = 1.0
-    loss: str | None = None  # a loss spec (kdcache.losses); None: the teacher mode's default
+    """The options of ``kdcache train``; each field carries its command-line option."""
+
+    data: str = option(help="training shards", group=RUN)
+    val: str = option(help="held-out shards (center views)", group=RUN)
+    student: str = option(help="model spec, e.g. kdcache:resnet_s", group=MODELS)
+    out: str = option(help="run directory", group=RUN)
+    epochs: int = option(help="student epochs", group=OPTIM)
+    teacher_mode: str = option(
+        "cached",
+        help="where targets come from: cached (replay the --cache), online (run --teacher on "
+        "the same views), fixed (the teacher's center-view predictions: a one-epoch --cache, "
+        "made on first use), independent (--teacher on its own random view), none (hard "
+        "labels)",
+        choices=MODES,
+        group=MODELS,
+    )
+    cache: str | None = option(
+        None,
+        help="cached mode: a cache made by `kdcache precompute`; fixed mode: the teacher's "
+        "one-epoch center-view cache (made there on first use when --teacher is given)",
+        group=MODELS,
+    )
+    teacher: str | None = option(
+        None,
+        help="teacher spec (online mode; in cached mode it is checked against the cache and "
+        "used for val agreement)",
+        group=MODELS,
+    )
+    teacher_weights: str | None = option(None, help=WEIGHTS_HELP, group=MODELS)
+    student_weights: str | None = option(None, help="initial weights of the student", group=MODELS)
+    views: str | None = option(
+        None,
+        help=VIEWS_HELP,
+        choices=PRESETS,
+        shown="cached: the cache's; fixed, independent: consistent; else function_matching",
+        group=VIEWS,
+    )
+    plan_seed: int | None = option(
+        None, help=PLAN_SEED_HELP, shown="the cache's, or 0", group=VIEWS
+    )
+    seed: int = option(0, help="student init and data order", group=OPTIM)
+    image_size: int | str = option(
+        224, help="student input px, or auto (the data's median short side)", group=VIEWS
+    )
+    teacher_image_size: int | str | None = option(
+        None,
+        help="teacher input px or auto",
+        shown="the cache's, or --image-size",
+        group=VIEWS,
+    )
+    batch_size: int = option(256, help="global batch, split over ranks", group=OPTIM)
+    lr: float = option(1e-3, help="peak AdamW learning rate", group=OPTIM)
+    weight_decay: float = option(
+        1e-4, help="AdamW weight decay (PyTorch convention, multiplied by lr)", group=OPTIM
+    )
+    warmup: float = option(1.0, help="epochs of linear warm-up", group=OPTIM)
+    clip_grad: float = option(1.0, help="gradient-norm clip, 0 off", group=OPTIM)
+    temperature: float = option(1.0, help="distillation T", group=OPTIM)
+    loss: str | None = option(
+        None,
+        help="the loss: name(k=v) terms joined by +, each with a weight w, e.g. "
+        "'kl(t=2)+ce(w=0.1)' or 'kl+myloss:Smooth(w=0.5)' (a class in ./myloss.py); built-ins "
+        "kl, ce; see docs/extending.md",
+        metavar="SPEC",
+        shown="kl(t=--temperature), ce() with --teacher-mode none",
+        group=OPTIM,
+    )
     window: int = 4  # units shuffled together inside an epoch
-    workers: int = 2
-    device: str = "auto"
-    num_classes: int | None = None  # default: the teacher's (the cache's); none mode: labels
-    student_mean: tuple[float, float, float] | None = None  # default: the student's own
-    student_std: tuple[float, float, float] | None = None
-    teacher_mean: tuple[float, float, float] | None = None  # default: the teacher's own
-    teacher_std: tuple[float, float, float] | None = None
-    label_map: str | None = None  # JSON file: data label -> teacher class, for val accuracy
-    max_image_pixels: int | None = None  # larger images are unusable rows; None: Pillow's limit
-    resume: bool = False
-    limit: int | None = None  # train on the first N samples only
-    strict: bool = False  # unusable rows are errors instead of skipped and counted
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
-    extend: bool = False  # --resume with more --epochs: the schedule is recomputed over them
+    workers: int = option(2, help=WORKERS_HELP, group=OPTIM)
+    device: str = option("auto", help=DEVICE_HELP, group=OPTIM)
+    num_classes: int | None = option(
+        None,
+        help=num_classes_help("the teacher's (the cache's); none mode: the labels'"),
+        group=MODELS,
+    )
+    student_mean: tuple[float, float, float] | None = option(
+        None, help=mean_help("student"), metavar="R,G,B", group=MODELS
+    )
+    student_std: tuple[float, float, float] | None = option(
+        None, help="[as the mean]", metavar="R,G,B", group=MODELS
+    )
+    teacher_mean: tuple[float, float, float] | None = option(
+        None, help=mean_help("teacher"), metavar="R,G,B", group=MODELS
+    )
+    teacher_std: tuple[float, float, float] | None = option(
+        None, help="[as the mean]", metavar="R,G,B", group=MODELS
+    )
+    label_map: str | None = option(None, help=LABEL_MAP_HELP, metavar="FILE", group=MODELS)
+    max_image_pixels: int | None = option(None, help=MAX_PIXELS_HELP, metavar="N", group=MODELS)
+    resume: bool = option(
+        False,
+        help="continue OUT/checkpoint.pt; options that change the run (models, data, cache, "
+        "views, seeds, sizes, batch size, optimiser) must be the run's own (OUT/config.json), "
+        "--workers, --device, --checkpoint-every and --strict may change",
+        group=RUN,
+    )
+    limit: int | None = option(
+        None, help="train on the first N samples only (by global index)", group=RUN
+    )
+    strict: bool = option(
+        False,
+        help="unusable rows (bad in the cache, unreadable images) and shards cut short are "
+        "errors, not skipped or warned about",
+        group=RUN,
+    )
+    checkpoint_every: int = option(
+        0,
+        help="also checkpoint every N steps inside an epoch (0: at epoch ends)",
+        metavar="N",
+        shown="0",
+        group=RUN,
+    )
+    extend: bool = option(
+        False,
+        help="with --resume: allow more --epochs than the run had; the warm-up and cosine "
+        "schedule are recomputed over the new --epochs and continue from the current step "
+        "(the lr jumps to that curve's value)",
+        group=RUN,
+    )
     command: str = field(default_factory=lambda: shlex.join(sys.argv))
+
+    def teacher_pass(self, out: str, epochs: int, views: str) -> PrecomputeConfig:
+        """The teacher pass that makes a cache for runs like this one: the fixed mode's
+        center cache, ``kdcache ablate``'s caches. Data, teacher, its input convention and
+        size, the bad-row rules and the machine settings are this run's."""
+        return PrecomputeConfig(
+            data=self.data,
+            teacher=self.teacher or "",
+            teacher_weights=self.teacher_weights,
+            out=out,
+            epochs=epochs,
+            views=views,
+            num_classes=self.num_classes,
+            teacher_mean=self.teacher_mean,
+            teacher_std=self.teacher_std,
+            max_image_pixels=self.max_image_pixels,
+            limit=self.limit,
+            plan_seed=self.plan_seed or 0,
+            teacher_image_size=self.teacher_image_size or self.image_size,
+            workers=self.workers,
+            device=self.device,
+            strict=self.strict,
+            command=self.command,
+        )
 
     @property
     def mode(self) -> TeacherMode:
@@ -137,6 +278,11 @@ def _loss_problems(spec: str, temperature: float) -> list[str]:
         terms = parse_loss(spec)
     except KdcacheError as e:
         return [str(e)]
+    if not any(t.is_user for t in terms):  # built-ins check their arguments without torch
+        try:
+            create_loss(spec)
+        except KdcacheError as e:
+            return [str(e)]
     named = [str(t) for t in terms if "t" in t.kwargs]
     if temperature != 1 and named:
         return [

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from kdcache.models import Model, load_model, warn_random_teacher
 from kdcache.render import IMAGENET, InputConvention, resolve_image_size
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
-from kdcache.teacher_pass import PrecomputeConfig, cache_identity, precompute
+from kdcache.teacher_pass import cache_identity, precompute
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
@@ -413,9 +413,16 @@ class _Position:
 
 
 def fit(
-    cfg: TrainConfig, on_step: StepHook | None = None, on_epoch: EpochHook | None = None
+    cfg: TrainConfig,
+    on_step: StepHook | None = None,
+    on_epoch: EpochHook | None = None,
+    expect: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train a student as ``cfg`` says. Returns the final metrics and the run directory."""
+    """Train a student as ``cfg`` says. Returns the final metrics and the run directory.
+
+    expect: resolved values a run recorded (:data:`~kdcache.train.config.RESOLVED_KEYS` of its
+    ``config.json``, given back with ``--config``); training starts only if this run resolves
+    the same (``cache_epochs`` may grow: a cache can be extended)."""
     cfg.validate()
     place, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
@@ -425,7 +432,7 @@ def fit(
         place.barrier()
         if cfg.mode.needs_center_cache:
             _prepare_center_cache(cfg)
-        return _fit(cfg, place, device, on_step, on_epoch)
+        return _fit(cfg, place, device, on_step, on_epoch, expect)
 
 
 def _prepare_center_cache(cfg: TrainConfig) -> None:
@@ -440,27 +447,7 @@ def _prepare_center_cache(cfg: TrainConfig) -> None:
             )
         return  # an existing center cache, used as it is (checked when opened)
     log.info("fixed teacher: the cache %s (center views, 1 epoch)", cfg.cache)
-    precompute(
-        PrecomputeConfig(
-            data=cfg.data,
-            teacher=cfg.teacher,
-            teacher_weights=cfg.teacher_weights,
-            out=cfg.cache,
-            epochs=1,
-            views="center",
-            num_classes=cfg.num_classes,
-            teacher_mean=cfg.teacher_mean,
-            teacher_std=cfg.teacher_std,
-            max_image_pixels=cfg.max_image_pixels,
-            limit=cfg.limit,
-            plan_seed=cfg.plan_seed or 0,
-            teacher_image_size=cfg.teacher_image_size or cfg.image_size,
-            workers=cfg.workers,
-            device=cfg.device,
-            strict=cfg.strict,
-            command=cfg.command,
-        )
-    )
+    precompute(cfg.teacher_pass(cfg.cache, epochs=1, views="center"))
 
 
 def _fit(
@@ -469,6 +456,7 @@ def _fit(
     device: torch.device,
     on_step: StepHook | None,
     on_epoch: EpochHook | None,
+    expect: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     run = _resolve(cfg)
     if run.teacher is not None:
@@ -485,6 +473,8 @@ def _fit(
         asked_by="the labels" if run.mode.trains_on_labels else "the teacher's classes",
     )
     student_input = built.convention
+    resolved = _resolved_config(cfg, run, student_input)
+    _check_expected(expect or {}, resolved)
     student = prepare_model(built.module, device, eval_mode=False)
     if place.enabled:
         student = DistributedDataParallel(
@@ -500,7 +490,7 @@ def _fit(
     pos = _resume(cfg, bare, optimizer, schedule, place)
     fresh = (pos.epoch, pos.step) == (0, 0)
     if place.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
-        _write_config(cfg, run, student_input)  # the run's original options: never rewritten
+        _write_json(resolved, os.path.join(cfg.out, "config.json"))  # never rewritten
     save = _Saver(cfg, bare, optimizer, schedule, place)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
@@ -887,21 +877,49 @@ def _last_metrics(out: str) -> dict[str, Any]:
     return history[-1] if history else {}
 
 
-def _write_config(cfg: TrainConfig, run: _Run, student_input: InputConvention) -> None:
-    resolved = {
-        **asdict(cfg),
-        "num_classes": run.num_classes,
-        "image_size_resolved": run.image_size,
-        "student_input": student_input.identity(),
-        "teacher_input": run.teacher_input.identity(),
-        "accuracy_basis": run.accuracy_basis,
-        "view_spec": run.spec.to_dict(),
-        "resolved_plan_seed": run.plan_seed,
-        "teacher_image_size_resolved": run.teacher_image_size,
-        "train_samples": run.index.num_samples,
-        "data_fingerprint": run.index.fingerprint,
-        "cache_epochs": len(run.cache_epochs) or None,
-        "loss_resolved": run.loss.describe(),
-    }
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
+def _resolved_config(cfg: TrainConfig, run: _Run, student_input: InputConvention) -> dict:
+    """What ``config.json`` holds: the options, and what the run resolved them to."""
+    return json.loads(
+        json.dumps(
+            {
+                **asdict(cfg),
+                "num_classes": run.num_classes,
+                "image_size_resolved": run.image_size,
+                "student_input": student_input.identity(),
+                "teacher_input": run.teacher_input.identity(),
+                "accuracy_basis": run.accuracy_basis,
+                "view_spec": run.spec.to_dict(),
+                "resolved_plan_seed": run.plan_seed,
+                "teacher_image_size_resolved": run.teacher_image_size,
+                "train_samples": run.index.num_samples,
+                "data_fingerprint": run.index.fingerprint,
+                "cache_epochs": len(run.cache_epochs) or None,
+                "loss_resolved": run.loss.describe(),
+            }
+        )
+    )  # as JSON has it (tuples as lists), to compare with a config.json read back
+
+
+def _check_expected(expect: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+    """Refuse a run that resolves differently from the run whose config.json it repeats."""
+    changed = [
+        f"{key}: the --config run has {expect[key]!r}, this one {resolved.get(key)!r}"
+        for key in expect
+        if key != "cache_epochs" and expect[key] != resolved.get(key)
+    ]
+    if (expect.get("cache_epochs") or 0) > (resolved.get("cache_epochs") or 0):
+        changed.append(
+            f"cache_epochs: the --config run had {expect['cache_epochs']} cached epochs, "
+            f"the cache now has {resolved.get('cache_epochs')}"
+        )
+    if changed:
+        raise KdcacheError(
+            "this run would not repeat the --config run: " + "; ".join(changed) + " (the data, "
+            "a model's weights or input convention, or the cache differ from that run's; drop "
+            "the key from the file to accept the difference)"
+        )
+
+
+def _write_json(values: Mapping[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2)

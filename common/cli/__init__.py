@@ -20,16 +20,27 @@ from contextlib import contextmanager
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.options import (
+    DEVICE_HELP,
+    LABEL_MAP_HELP,
+    WEIGHTS_HELP,
+    WORKERS_HELP,
+    add_config_option,
+    add_options,
+    build,
+    image_size,
+    mean_help,
+    num_classes_help,
+    read_config_file,
+    rgb,
+)
+from kdcache.precompute_config import PrecomputeConfig
 from kdcache.version import __version__
 
 log = logging.getLogger("kdcache")
 # Under torchrun only rank 0 draws progress bars and prints results; the others log warnings.
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 _QUIET: list[bool] = []  # set by -q: no progress bars either
-WEIGHTS_HELP = (
-    "the teacher's weights: a .pt/.pth state dict (raw, or in a 'model' or 'state_dict' key) "
-    "or a .safetensors file; without one the teacher is a random initialisation"
-)
 
 
 # -- output helpers ------------------------------------------------------------------------
@@ -119,28 +130,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from kdcache.cache import PrecomputeConfig, precompute
+    from kdcache.cache import precompute
 
-    cfg = PrecomputeConfig(
-        data=args.data,
-        teacher=args.teacher,
-        teacher_weights=args.teacher_weights,
-        out=args.out,
-        epochs=args.epochs,
-        topk=args.topk,
-        views=args.views,
-        plan_seed=args.plan_seed,
-        teacher_image_size=args.teacher_image_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        compile=args.compile,
-        num_classes=args.num_classes,
-        strict=args.strict,
-        teacher_mean=args.teacher_mean,
-        teacher_std=args.teacher_std,
-        max_image_pixels=args.max_image_pixels,
-    )
+    cfg = precompute_config(args)
     if args.smoke:
         # The units of the first 256 samples, one epoch: what `train --smoke` reads.
         cfg.epochs, cfg.limit, cfg.batch_size = 1, 256, min(cfg.batch_size, 64)
@@ -151,7 +143,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         args,
         result,
         lambda: print(
-            f"{args.out}: {result['images']} views in {result['seconds']:.1f} s "
+            f"{cfg.out}: {result['images']} views in {result['seconds']:.1f} s "
             f"({result['images_per_s']} img/s), {result['epochs_complete']} epochs complete, "
             f"{result['bad_rows']} bad rows" + (f" ({reasons})" if reasons else "")
         ),
@@ -160,9 +152,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from kdcache.cache.inspect import summary as cache_summary
     from kdcache.store import open_cache
 
-    summary = open_cache(args.cache).summary()
+    summary = cache_summary(open_cache(args.cache))
 
     def human() -> None:
         hidden = ("bytes_per_row_by_array", "versions")
@@ -214,21 +207,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdcache.train import TrainConfig
-
-    # Every train option is a TrainConfig field of the same name; `command` is the
-    # subcommand's name here and the full command line there, so it is not taken.
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"command"}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg, expect = train_config(args)
     if args.smoke:
         cfg.epochs, cfg.limit = 1, min(cfg.limit or 256, 256)
         cfg.batch_size = min(cfg.batch_size, 32)
-    result = _fit_with_bars(cfg)
+    result = _fit_with_bars(cfg, expect=expect)
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
 
 
-def _fit_with_bars(cfg: Any) -> dict[str, Any]:
+def _fit_with_bars(cfg: Any, expect: dict[str, Any] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -261,7 +249,7 @@ def _fit_with_bars(cfg: Any) -> dict[str, Any]:
 
     with logging_redirect_tqdm():
         try:
-            return fit(cfg, on_step=on_step, on_epoch=on_epoch)
+            return fit(cfg, on_step=on_step, on_epoch=on_epoch, expect=expect)
         finally:
             if bar:
                 bar.pop().close()
@@ -290,43 +278,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from kdcache.cli.ablate import DEFAULT_MODES, AblateConfig, ablate, format_table, with_smoke
+    from kdcache.cli.ablate import SHARED_OPTIONS, AblateConfig, ablate, format_table, with_smoke
+    from kdcache.train.config import TrainConfig
 
-    def ints(text: str | None) -> tuple[int, ...]:
-        try:
-            return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
-        except ValueError:
-            raise KdcacheError(f"--patience takes epochs like 10,30,100, got {text!r}") from None
-
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
-    cfg = AblateConfig(
-        data=args.data,
-        val=args.val,
-        teacher=args.teacher,
-        teacher_weights=args.teacher_weights,
-        student=args.student,
-        epochs=args.epochs,
-        out=args.out,
-        modes=modes or DEFAULT_MODES,
-        seeds=args.seeds,
-        patience=ints(args.patience),
-        plan_seed=args.plan_seed,
-        image_size=args.image_size,
-        teacher_image_size=args.teacher_image_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        clip_grad=args.clip_grad,
-        temperature=args.temperature,
-        workers=args.workers,
-        device=args.device,
-        limit=args.limit,
+    grid = _names(AblateConfig) - {"train"}
+    values = _file_options(args, set(SHARED_OPTIONS) | grid, nested="train")
+    where = _where(args)
+    train = build(
+        TrainConfig, args, values, only=SHARED_OPTIONS, required=("teacher",), where=where
     )
+    cfg = build(AblateConfig, args, values, only=grid, extra={"train": train}, where=where)
     if args.smoke:
         cfg = with_smoke(cfg)
     results = ablate(cfg, fit=_fit_with_bars, bar=_bar)
-    where = f"wrote {args.out}/ablation.json, ablation.md, ablation.png"
+    where = f"wrote {cfg.out}/ablation.json, ablation.md, ablation.png"
     _emit(
         args,
         {k: v for k, v in results.items() if k != "config"},
@@ -352,11 +317,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- options -------------------------------------------------------------------------------
+
+
+def _names(cls: type) -> set[str]:
+    """The fields of a config that a --config file may set (``command`` is recorded, not set)."""
+    return {f.name for f in dataclasses.fields(cls)} - {"command"}
+
+
+def _where(args: argparse.Namespace) -> str:
+    return f"--config {args.config}" if getattr(args, "config", None) else "the options"
+
+
+def _file_options(
+    args: argparse.Namespace,
+    known: set[str],
+    resolved: Sequence[str] = (),
+    nested: str | None = None,
+) -> dict[str, Any]:
+    """The options of ``--config FILE`` (none without one); a key that is no option of the
+    command is an error naming it. resolved: keys a run records beside its options (kept, for
+    the caller to check); nested: a key whose object holds more options (ablate's ``train``)."""
+    if not getattr(args, "config", None):
+        return {}
+    values = read_config_file(args.config)
+    if nested and isinstance(values.get(nested), dict):
+        values = {**values.pop(nested), **values}
+    unknown = sorted(set(values) - known - set(resolved) - {"command"})
+    if unknown:
+        raise KdcacheError(
+            f"--config {args.config}: {', '.join(unknown)} "
+            f"{'is not an option' if len(unknown) == 1 else 'are not options'} of "
+            f"`kdcache {args.command}` (options: {', '.join(sorted(known))})"
+        )
+    return values
+
+
+def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
+    """``kdcache precompute``'s options (and its --config file) as a PrecomputeConfig."""
+    values = _file_options(args, _names(PrecomputeConfig))
+    return build(PrecomputeConfig, args, values, where=_where(args))
+
+
+def train_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """``kdcache train``'s options (and its --config file) -> (TrainConfig, expect).
+
+    A run's config.json also holds what the run resolved (view spec, data fingerprint, ...):
+    those come back as ``expect``, for ``fit`` to check against what this run resolves."""
+    from kdcache.train.config import RESOLVED_KEYS, TrainConfig
+
+    values = _file_options(args, _names(TrainConfig), resolved=RESOLVED_KEYS)
+    expect = {k: values.pop(k) for k in RESOLVED_KEYS if k in values}
+    return build(TrainConfig, args, values, where=_where(args)), expect or None
+
+
+def ablate_config(args: argparse.Namespace) -> Any:
+    """``kdcache ablate``'s options (and its --config file) as an AblateConfig: the grid's
+    own fields, and the train options every run shares (a file may nest them under train)."""
+    from kdcache.cli.ablate import SHARED_OPTIONS, AblateConfig
+    from kdcache.train.config import TrainConfig
+
+    grid = _names(AblateConfig) - {"train"}
+    values = _file_options(args, set(SHARED_OPTIONS) | grid, nested="train")
+    where = _where(args)
+    train = build(
+        TrainConfig, args, values, only=SHARED_OPTIONS, required=("teacher",), where=where
+    )
+    return build(AblateConfig, args, values, only=grid, extra={"train": train}, where=where)
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser, json_out: bool = True, smoke: bool = False) -> None:
+def _common(
+    p: argparse.ArgumentParser, json_out: bool = True, smoke: bool = False, config: bool = False
+) -> None:
     g = p.add_argument_group("general")
+    if config:
+        add_config_option(g)
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     if json_out:
@@ -371,44 +409,22 @@ def _common(p: argparse.ArgumentParser, json_out: bool = True, smoke: bool = Fal
         )
 
 
-def _device(p: argparse.ArgumentParser, workers: bool = True) -> None:
-    p.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available) [auto]"
-    )
-    if not workers:
-        return
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="DataLoader worker processes that decode and render (0: in-process) [2]",
-    )
+def _device(p: Any, workers: bool = True) -> None:
+    """--device and --workers of the commands without a config (verify, eval, demo)."""
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} [auto]")
+    if workers:
+        p.add_argument("--workers", type=int, default=2, help=f"{WORKERS_HELP} [2]")
 
 
-def _views(p: argparse.ArgumentParser, default: str | None) -> None:
-    from kdcache.views import PRESETS
-
-    p.add_argument(
-        "--views",
-        choices=list(PRESETS),
-        default=default,
-        help="view preset: function_matching (crop+flip+mixup), consistent "
-        "(crop+flip), center (no randomness)"
-        + (
-            f" [{default}]"
-            if default
-            else " [cached: the cache's; fixed, independent: consistent; else function_matching]"
-        ),
-    )
-    p.add_argument(
-        "--plan-seed",
-        type=int,
-        default=0 if default else None,
-        help="seed of the views (not of the model or order) [0]",
-    )
+def _convention(g: Any, who: str) -> None:
+    g.add_argument(f"--{who}-mean", type=rgb, metavar="R,G,B", help=mean_help(who))
+    g.add_argument(f"--{who}-std", type=rgb, metavar="R,G,B", help="[as the mean]")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdcache.cli.ablate import SHARED_OPTIONS, AblateConfig
+    from kdcache.train.config import MODELS, OPTIM, RUN, VIEWS, TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="kdcache",
         description="Patient and consistent knowledge distillation with a precomputed teacher "
@@ -469,34 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Zarr cache. Re-running the same command resumes; a larger "
         "--epochs extends the cache.",
     )
-    p.add_argument("--data", required=True, help="training shards (see `kdcache index`)")
-    p.add_argument("--teacher", required=True, help="model spec, e.g. torchvision:resnet50")
-    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
-    p.add_argument("--out", required=True, help="cache path (a directory, conventionally .zarr)")
-    p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
-    p.add_argument("--topk", type=int, default=None, help="logits kept per view [min(10, C)]")
-    _views(p, "function_matching")
-    p.add_argument(
-        "--teacher-image-size",
-        type=_size,
-        default=224,
-        help="teacher input px, or auto (the data's median short side) [224]",
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="[256]")
-    _num_classes(p, "the teacher's own head; built-in nets: the data's label count")
-    _convention(p, "teacher")
-    _max_pixels(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="an unusable image (no image, undecodable, too large, a mixing partner that does "
-        "not decode) or a shard cut short (no end-of-archive blocks) is an error; by default "
-        "such rows are marked bad in the cache with their reason, counted, and skipped by "
-        "training, and a cut shard is a warning. Labels are never needed",
-    )
-    _device(p)
-    _common(p, smoke=True)
+    add_options(p, PrecomputeConfig)
+    _common(p, smoke=True, config=True)
     p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser(
@@ -538,10 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a student (teacher modes: cached, online, fixed, independent, none)",
         description="Stream the shards, replay or draw the views, train the "
         "student. Writes OUT/config.json, metrics.jsonl, "
-        "checkpoint.pt and model.pt.",
+        "checkpoint.pt and model.pt; `--config OUT/config.json --out NEW` repeats a run.",
     )
-    _add_train_options(p)
-    _common(p, smoke=True)
+    groups = {title: p.add_argument_group(title) for title in (RUN, MODELS, VIEWS, OPTIM)}
+    add_options(p, TrainConfig, groups=groups)
+    _common(p, smoke=True, config=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -549,42 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one student under every teacher mode, compare",
         description="The teacher grid of Beyer et al. 2022 on one data path: "
         "builds the caches the modes need (reusing existing ones), "
-        "trains every mode with the same student, budget and seeds, "
-        "writes OUT/ablation.json, ablation.md and ablation.png.",
+        "trains every mode (and every --loss) with the same student, budget and seeds, "
+        "writes OUT/ablation.json, ablation.md and ablation.png. The other options are "
+        "`kdcache train`'s, shared by every run.",
     )
-    p.add_argument("--data", required=True, help="training shards")
-    p.add_argument("--val", required=True, help="held-out shards")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
-    p.add_argument("--student", required=True)
-    p.add_argument("--epochs", type=int, required=True, help="student epochs of every mode")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--modes",
-        default=None,
-        help="comma-separated TEACHER_MODE[:PRESET] (default: none, fixed, "
-        "independent, online:consistent, cached:consistent, "
-        "online:function_matching, cached:function_matching)",
+    groups = {title: p.add_argument_group(title) for title in ("grid", RUN, MODELS, VIEWS, OPTIM)}
+    add_options(p, AblateConfig, groups=groups, overrides=_grid_group(AblateConfig))
+    add_options(
+        p,
+        TrainConfig,
+        only=SHARED_OPTIONS,
+        groups=groups,
+        overrides={
+            "out": {"help": "directory of the caches, runs and results"},
+            "epochs": {"help": "student epochs of every mode"},
+            "teacher": {"help": "teacher spec", "required": True},
+        },
     )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="seeds of the student's init and order; views and caches stay fixed [1]",
-    )
-    p.add_argument(
-        "--patience",
-        default=None,
-        help="comma-separated budgets (epochs) for the function-matching modes: "
-        "the paper's patience curve",
-    )
-    p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
-    p.add_argument("--plan-seed", type=int, default=0, help="seed of the views [0]")
-    p.add_argument("--image-size", type=int, default=224, help="[224]")
-    p.add_argument("--teacher-image-size", type=int, default=None, help="[--image-size]")
-    _add_optim_options(p)
-    _device(p)
-    _common(p, smoke=True)
+    _common(p, smoke=True, config=True)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser(
@@ -596,19 +569,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="evaluation shards")
     p.add_argument("--model", help="model spec [the run's student]")
     p.add_argument(
-        "--image-size", type=_size, default=None, help="px or auto [the run's, else 224]"
+        "--image-size", type=image_size, default=None, help="px or auto [the run's, else 224]"
     )
-    _num_classes(p, "the run's; else the teacher's, or the labels'")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help=num_classes_help("the run's; else the teacher's, or the labels'"),
+    )
     p.add_argument("--teacher", help="also report agreement (top-1, top-5) and KL to this teacher")
     p.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     p.add_argument(
         "--teacher-image-size",
-        type=_size,
+        type=image_size,
         default=None,
         help="[the run's teacher's (the cache's), else --image-size]",
     )
     _convention(p, "teacher")
-    _label_map(p)
+    p.add_argument("--label-map", metavar="FILE", help=LABEL_MAP_HELP)
     _device(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -628,183 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from kdcache.train.modes import MODES
-
-    g = p.add_argument_group("data and run")
-    g.add_argument("--data", required=True, help="training shards")
-    g.add_argument("--val", required=True, help="held-out shards (center views)")
-    g.add_argument("--out", required=True, help="run directory")
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue OUT/checkpoint.pt; options that change the run (models, data, cache, "
-        "views, seeds, sizes, batch size, optimiser) must be the run's own (OUT/config.json), "
-        "--workers, --device, --checkpoint-every and --strict may change",
-    )
-    g.add_argument(
-        "--extend",
-        action="store_true",
-        help="with --resume: allow more --epochs than the run had; the warm-up and cosine "
-        "schedule are recomputed over the new --epochs and continue from the current step "
-        "(the lr jumps to that curve's value)",
-    )
-    g.add_argument(
-        "--strict",
-        action="store_true",
-        help="unusable rows (bad in the cache, unreadable images) and shards cut short are "
-        "errors, not skipped or warned about",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also checkpoint every N steps inside an epoch (0: at epoch ends) [0]",
-    )
-    g.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="train on the first N samples only (by global index)",
-    )
-    g = p.add_argument_group("models")
-    g.add_argument("--student", required=True, help="model spec, e.g. kdcache:resnet_s")
-    g.add_argument("--student-weights", help="initial weights of the student")
-    g.add_argument(
-        "--teacher-mode",
-        choices=tuple(MODES),
-        default="cached",
-        help="where targets come from: cached (replay the --cache), online (run --teacher on "
-        "the same views), fixed (the teacher's center-view predictions: a one-epoch --cache, "
-        "made on first use), independent (--teacher on its own random view), none (hard "
-        "labels) [cached]",
-    )
-    g.add_argument(
-        "--cache",
-        help="cached mode: a cache made by `kdcache precompute`; fixed mode: the teacher's "
-        "one-epoch center-view cache (made there on first use when --teacher is given)",
-    )
-    g.add_argument(
-        "--teacher",
-        help="teacher spec (online mode; in cached mode it is checked "
-        "against the cache and used for val agreement)",
-    )
-    g.add_argument("--teacher-weights", help=WEIGHTS_HELP)
-    _num_classes(g, "the teacher's (the cache's); none mode: the labels'")
-    _convention(g, "student")
-    _convention(g, "teacher")
-    _label_map(g)
-    _max_pixels(g)
-    g = p.add_argument_group("views")
-    _views(g, None)
-    g.add_argument(
-        "--image-size",
-        type=_size,
-        default=224,
-        help="student input px, or auto (the data's median short side) [224]",
-    )
-    g.add_argument(
-        "--teacher-image-size",
-        type=_size,
-        default=None,
-        help="teacher input px or auto [the cache's, or --image-size]",
-    )
-    g = p.add_argument_group("optimisation (Beyer et al. 2022 names)")
-    g.add_argument("--epochs", type=int, required=True)
-    _add_optim_options(g)
-    g.add_argument(
-        "--loss",
-        metavar="SPEC",
-        default=None,
-        help="the loss: name(k=v) terms joined by +, each with a weight w, e.g. "
-        "'kl(t=2)+ce(w=0.1)' or 'kl+myloss:Smooth(w=0.5)' (a class in ./myloss.py); built-ins "
-        "kl, ce; see docs/extending.md [kl(t=--temperature), ce() with --teacher-mode none]",
-    )
-    g.add_argument("--seed", type=int, default=0, help="student init and data order [0]")
-    _device(g)
-
-
-def _size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected px (an integer) or auto, got {text!r}"
-        ) from None
-
-
-def _triple(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected R,G,B (or one value), got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _convention(g: Any, who: str) -> None:
-    g.add_argument(
-        f"--{who}-mean",
-        type=_triple,
-        default=None,
-        metavar="R,G,B",
-        help=f"the {who}'s input mean on [0, 1] pixels [its own: timm's pretrained config, "
-        "torchvision's weights transforms, a factory's pretrained_cfg; else ImageNet's]",
-    )
-    g.add_argument(
-        f"--{who}-std", type=_triple, default=None, metavar="R,G,B", help="[as the mean]"
-    )
-
-
-def _num_classes(g: Any, default: str) -> None:
-    g.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        help=f"the class count models are built with; checked against the width each model "
-        f"really has [{default}]",
-    )
-
-
-def _max_pixels(g: Any) -> None:
-    g.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=None,
-        metavar="N",
-        help="images of more pixels are bad rows ('too large'), never decoded [Pillow's limit, "
-        "PIL.Image.MAX_IMAGE_PIXELS: about 89 M]",
-    )
-
-
-def _label_map(g: Any) -> None:
-    g.add_argument(
-        "--label-map",
-        metavar="FILE",
-        help="JSON: data label -> teacher class (a list, or an object), so val accuracy can "
-        "be scored when the labels are not the teacher's classes",
-    )
-
-
-def _add_optim_options(g: Any) -> None:
-    """The optimiser knobs train and ablate share."""
-    g.add_argument("--batch-size", type=int, default=256, help="[256]")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate [1e-3]")
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=1e-4,
-        help="AdamW weight decay (PyTorch convention, multiplied by lr) [1e-4]",
-    )
-    g.add_argument("--warmup", type=float, default=1.0, help="epochs of linear warm-up [1]")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0 off [1]")
-    g.add_argument("--temperature", type=float, default=1.0, help="distillation T [1]")
+def _grid_group(cls: type) -> dict[str, dict[str, str]]:
+    return {f.name: {"group": "grid"} for f in dataclasses.fields(cls)}
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

@@ -1,13 +1,16 @@
 """``kdcache ablate``: one command for the paper's teacher grid, on one data path.
 
-Modes are ``TEACHER_MODE[:PRESET]``: ``none``, ``fixed``, ``independent``, ``online:consistent``,
+The grid's axes are the modes (``--mode``, repeatable) and optionally the losses (``--loss``,
+repeatable); the rest of the options are ``kdcache train``'s, shared by every run. Modes are
+``TEACHER_MODE[:PRESET]``: ``none``, ``fixed``, ``independent``, ``online:consistent``,
 ``cached:consistent``, ``online:function_matching``, ``cached:function_matching`` by default.
 Every mode trains the same student with the same budget and seeds; only the source of the
 targets changes. Caches are built first (or reused: precompute resumes and extends), in
 ``OUT/caches``; runs go to ``OUT/runs/MODE/seedS`` and are reused when complete. Results go to
 ``OUT/ablation.json``, ``OUT/ablation.md`` and ``OUT/ablation.png``.
 
-The stages are imported inside the functions (``kdcache`` never imports a stage at import).
+The stages' heavy modules are imported inside the functions, so ``kdcache --help`` stays free
+of torch (``kdcache.train.config`` imports neither torch nor zarr).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.options import cli_fields, option
+from kdcache.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +63,78 @@ def __getattr__(name: str) -> Any:
 
 @dataclass
 class AblateConfig:
-    """Options of ``kdcache ablate``; the training knobs are shared by every mode."""
+    """Options of ``kdcache ablate``: the grid's axes, and the run every cell of it varies.
 
-    data: str
-    val: str
-    teacher: str
-    teacher_weights: str | None
-    student: str
-    epochs: int
-    out: str
-    modes: tuple[str, ...] = DEFAULT_MODES
-    seeds: int = 1
-    patience: tuple[int, ...] = ()
-    plan_seed: int = 0
-    image_size: int = 224
-    teacher_image_size: int | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup: float = 1.0
-    clip_grad: float = 1.0
-    temperature: float = 1.0
-    workers: int = 2
-    device: str = "auto"
-    limit: int | None = None
+    ``train`` holds what every run shares (data, models, sizes, optimiser, budget, machine);
+    per cell the grid sets its ``teacher_mode``, ``cache``, ``views``, ``loss``, ``seed``,
+    ``epochs`` (patience budgets) and ``out`` (``OUT/runs/CELL/seedS``), with ``resume`` on so a
+    finished run is reused. ``train.out`` is the ablation's directory.
+    """
+
+    train: TrainConfig
+    modes: tuple[str, ...] = option(
+        DEFAULT_MODES,
+        help="a teacher mode, optionally with the student's views (TEACHER_MODE[:PRESET]); "
+        "repeat it, or separate modes by commas",
+        flags=("--mode", "--modes"),
+        metavar="MODE[:VIEWS]",
+        repeat=True,
+        shown=", ".join(DEFAULT_MODES),
+    )
+    losses: tuple[str, ...] = option(
+        (),
+        help="a loss axis: every mode is trained with each loss spec (repeat --loss, or "
+        "separate specs by commas); see `kdcache train --help`",
+        flags=("--loss",),
+        metavar="SPEC",
+        repeat=True,
+        shown="each mode's default only",
+    )
+    seeds: int = option(
+        1, help="seeds of the student's init and order; views and caches stay fixed"
+    )
+    patience: tuple[int, ...] = option(
+        (),
+        help="budgets (epochs, comma-separated) for the function-matching modes: the paper's "
+        "patience curve",
+        metavar="EPOCHS",
+        repeat=True,
+    )
+
+    @property
+    def out(self) -> str:
+        return self.train.out
+
+    @property
+    def epochs(self) -> int:
+        return self.train.epochs
+
+
+# The train options a grid cell sets itself; every other train option is one of ablate's too.
+CELL_OPTIONS = ("teacher_mode", "cache", "views", "loss", "seed", "resume", "extend")
+SHARED_OPTIONS = tuple(f.name for f in cli_fields(TrainConfig) if f.name not in CELL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid: a mode (``TEACHER_MODE[:PRESET]``) and a loss (None: the mode's
+    default), named ``name`` in the results and ``slug`` under ``OUT/runs``."""
+
+    mode: str
+    teacher_mode: str
+    preset: str
+    loss: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.mode if self.loss is None else f"{self.mode} {self.loss}"
+
+    @property
+    def slug(self) -> str:
+        slug = self.mode.replace(":", "-")
+        if self.loss is not None:
+            slug += "+" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", self.loss).strip("_")
+        return slug
 
 
 def parse_mode(mode: str) -> tuple[str, str]:
@@ -104,104 +158,77 @@ def parse_mode(mode: str) -> tuple[str, str]:
     return teacher_mode, preset
 
 
+def grid_cells(cfg: AblateConfig) -> list[Cell]:
+    """Every (mode, loss) of the grid, in the order given; modes are checked here."""
+    if not cfg.modes:
+        raise KdcacheError("--mode is empty: name at least one teacher mode")
+    losses = cfg.losses or (None,)
+    cells = [Cell(m, *parse_mode(m), loss) for m in dict.fromkeys(cfg.modes) for loss in losses]
+    for cell in cells:  # a bad option or loss spec fails here, before any cache is built
+        _cell_config(cfg, cell, 0, cfg.epochs).validate()
+    return cells
+
+
 def _cache_path(cfg: AblateConfig, preset: str) -> str:
     return os.path.join(cfg.out, "caches", f"{preset}.zarr")
 
 
-def _build_caches(
-    cfg: AblateConfig, parsed: dict[str, tuple[str, str]], bar: Callable | None
-) -> dict[str, str]:
-    """Precompute (or finish, or extend) every cache the modes need -> {preset: path}."""
-    from kdcache.cache import PrecomputeConfig, precompute
+def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) -> None:
+    """Precompute (or finish, or extend) every cache the cells need, in ``OUT/caches``."""
+    from kdcache.cache import precompute
     from kdcache.train.modes import get_mode
 
     need: dict[str, int] = {}
     longest = max([cfg.epochs, *cfg.patience])
-    for teacher_mode, preset in parsed.values():
-        m = get_mode(teacher_mode)
+    for cell in cells:
+        m = get_mode(cell.teacher_mode)
         if m.replays_cache_views:
-            budget = longest if preset == "function_matching" else cfg.epochs
-            need[preset] = max(need.get(preset, 0), budget)
+            budget = longest if cell.preset == "function_matching" else cfg.epochs
+            need[cell.preset] = max(need.get(cell.preset, 0), budget)
         elif m.needs_center_cache:
             need["center"] = max(need.get("center", 0), 1)
-    paths = {}
     for preset, epochs in need.items():
         path = _cache_path(cfg, preset)
-        pre = PrecomputeConfig(
-            data=cfg.data,
-            teacher=cfg.teacher,
-            teacher_weights=cfg.teacher_weights,
-            out=path,
-            epochs=epochs,
-            views=preset,
-            plan_seed=cfg.plan_seed,
-            teacher_image_size=cfg.teacher_image_size or cfg.image_size,
-            workers=cfg.workers,
-            device=cfg.device,
-            limit=cfg.limit,  # only the shards that the --limit runs read
-        )
+        pre = cfg.train.teacher_pass(path, epochs, preset)
         log.info("cache %s: %d epochs of %s views", path, epochs, preset)
         if bar is None:
             precompute(pre)
         else:
             with bar(None, f"cache {preset}") as update:
                 precompute(pre, progress=update)
-        paths[preset] = path
-    return paths
 
 
-def _train(
-    cfg: AblateConfig,
-    mode: str,
-    teacher_mode: str,
-    preset: str,
-    seed: int,
-    epochs: int,
-    caches: dict[str, str],
-    fit: Callable,
-) -> dict[str, Any]:
-    from kdcache.train import TrainConfig
+def _cell_config(cfg: AblateConfig, cell: Cell, seed: int, epochs: int) -> TrainConfig:
+    """The run of one cell, seed and budget, in ``OUT/runs/SLUG[-eEPOCHS]/seedSEED``."""
     from kdcache.train.modes import get_mode
+
+    slug = cell.slug if epochs == cfg.epochs else f"{cell.slug}-e{epochs}"
+    m = get_mode(cell.teacher_mode)
+    cache = _cache_path(cfg, "center" if m.needs_center_cache else cell.preset)
+    return replace(
+        cfg.train,
+        out=os.path.join(cfg.out, "runs", slug, f"seed{seed}"),
+        epochs=epochs,
+        teacher_mode=cell.teacher_mode,
+        cache=cache if m.reads_cache else None,
+        views=None if m.replays_cache_views else cell.preset,
+        loss=cell.loss,
+        seed=seed,
+        resume=True,
+        extend=False,
+    )
+
+
+def _train(cfg: AblateConfig, cell: Cell, seed: int, epochs: int, fit: Callable) -> dict[str, Any]:
     from kdcache.train.trainer import read_metrics
 
-    slug = mode.replace(":", "-")
-    run = os.path.join(
-        cfg.out, "runs", slug if epochs == cfg.epochs else f"{slug}-e{epochs}", f"seed{seed}"
-    )
-    m = get_mode(teacher_mode)
-    cache = caches.get("center") if m.needs_center_cache else caches.get(preset)
-    train_cfg = TrainConfig(
-        data=cfg.data,
-        val=cfg.val,
-        student=cfg.student,
-        out=run,
-        epochs=epochs,
-        teacher_mode=teacher_mode,
-        cache=cache if m.reads_cache else None,
-        teacher=cfg.teacher,
-        teacher_weights=cfg.teacher_weights,
-        views=None if m.replays_cache_views else preset,
-        plan_seed=cfg.plan_seed,
-        seed=seed,
-        image_size=cfg.image_size,
-        teacher_image_size=cfg.teacher_image_size,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup=cfg.warmup,
-        clip_grad=cfg.clip_grad,
-        temperature=cfg.temperature,
-        workers=cfg.workers,
-        device=cfg.device,
-        resume=True,
-        limit=cfg.limit,
-    )
-    log.info("ablate: %s seed %d, %d epochs -> %s", mode, seed, epochs, run)
-    fit(train_cfg)
-    history = read_metrics(run)
+    run = _cell_config(cfg, cell, seed, epochs)
+    log.info("ablate: %s seed %d, %d epochs -> %s", cell.name, seed, epochs, run.out)
+    fit(run)
+    history = read_metrics(run.out)
     # From the run's own record, so a reused run reports its training time, not the reuse's.
     wall = sum(m.get("epoch_seconds", m["seconds"]) for m in history)
-    return {"history": history, "wall_seconds": wall, "run": run}
+    return {"history": history, "wall_seconds": wall, "run": run.out}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -253,49 +280,40 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def ablate(
     cfg: AblateConfig, fit: Callable | None = None, bar: Callable | None = None
 ) -> dict[str, Any]:
-    """Run the grid; returns (and writes) the results keyed by mode name."""
+    """Run the grid; returns (and writes) the results keyed by cell name (the mode, and the
+    loss when there is a loss axis)."""
     from kdcache.train import fit as plain_fit
 
     fit = fit or plain_fit
     if cfg.seeds < 1:
         raise KdcacheError(f"--seeds must be at least 1, got {cfg.seeds}")
-    if not cfg.modes:
-        raise KdcacheError("--modes is empty")
-    parsed = {mode: parse_mode(mode) for mode in cfg.modes}
+    cells = grid_cells(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    caches = _build_caches(cfg, parsed, bar)
+    _build_caches(cfg, cells, bar)
     results: dict[str, Any] = {"config": asdict(cfg), "modes": {}}
-    for mode, (teacher_mode, preset) in parsed.items():
-        runs = [
-            _train(cfg, mode, teacher_mode, preset, s, cfg.epochs, caches, fit)
-            for s in range(cfg.seeds)
-        ]
-        results["modes"][mode] = _summarise(runs)
+    for cell in cells:
+        runs = [_train(cfg, cell, s, cfg.epochs, fit) for s in range(cfg.seeds)]
+        results["modes"][cell.name] = _summarise(runs)
     if cfg.patience:
-        results["patience"] = _patience(cfg, parsed, caches, fit)
+        results["patience"] = _patience(cfg, cells, fit)
     _write(cfg, results)
     return results
 
 
-def _patience(
-    cfg: AblateConfig, parsed: dict[str, tuple[str, str]], caches: dict[str, str], fit: Callable
-) -> dict[str, dict[str, float]]:
-    """Final val accuracy (mean over seeds) of the function-matching modes per budget."""
+def _patience(cfg: AblateConfig, cells: list[Cell], fit: Callable) -> dict[str, dict[str, float]]:
+    """Final val accuracy (mean over seeds) of the function-matching cells per budget."""
     from kdcache.train.modes import get_mode
 
     out: dict[str, dict[str, float]] = {}
-    for mode, (teacher_mode, preset) in parsed.items():
-        if preset != "function_matching" or not get_mode(teacher_mode).sees_student_views:
+    for cell in cells:
+        if cell.preset != "function_matching" or not get_mode(cell.teacher_mode).sees_student_views:
             continue
-        out[mode] = {}
+        out[cell.name] = {}
         for epochs in sorted(set(cfg.patience)):
-            runs = [
-                _train(cfg, mode, teacher_mode, preset, s, epochs, caches, fit)
-                for s in range(cfg.seeds)
-            ]
-            out[mode][str(epochs)] = _mean([r["history"][-1]["val_accuracy"] for r in runs])
+            runs = [_train(cfg, cell, s, epochs, fit) for s in range(cfg.seeds)]
+            out[cell.name][str(epochs)] = _mean([r["history"][-1]["val_accuracy"] for r in runs])
     if not out:
-        log.warning("--patience given but no function-matching mode is in --modes")
+        log.warning("--patience given but no function-matching mode is in --mode")
     return out
 
 
@@ -336,10 +354,10 @@ def format_table(results: dict[str, Any]) -> str:
 def _write(cfg: AblateConfig, results: dict[str, Any]) -> None:
     with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
         json.dump(results, f, indent=2)
-    c = cfg
+    c = cfg.train
     header = (
         f"# kdcache ablation\n\nstudent `{c.student}`, teacher `{c.teacher}`, "
-        f"{c.epochs} epochs, {c.seeds} seed(s), batch {c.batch_size}, lr {c.lr}, "
+        f"{c.epochs} epochs, {cfg.seeds} seed(s), batch {c.batch_size}, lr {c.lr}, "
         f"image size {c.image_size}" + (f", first {c.limit} samples" if c.limit else "") + "\n\n"
     )
     with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
@@ -384,11 +402,12 @@ def _plot(results: dict[str, Any], path: str) -> None:
 
 def with_smoke(cfg: AblateConfig) -> AblateConfig:
     """--smoke: one short epoch per mode on a few samples."""
+    t = cfg.train
     return replace(
         cfg,
-        epochs=1,
+        train=replace(
+            t, epochs=1, limit=min(t.limit or 128, 128), batch_size=min(t.batch_size, 32)
+        ),
         seeds=1,
         patience=(1, 2) if cfg.patience else (),
-        limit=min(cfg.limit or 128, 128),
-        batch_size=min(cfg.batch_size, 32),
     )

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def run_demo(
     bar: context manager factory ``bar(total, desc)`` yielding ``update(n)`` (progress bars);
     fit: the training entry point to use (the CLI passes one that draws progress bars).
     """
-    from kdcache.cache import PrecomputeConfig, precompute
+    from kdcache.cache import precompute
     from kdcache.cli.shards import write_shards
     from kdcache.train import TrainConfig
     from kdcache.train import fit as plain_fit
@@ -76,45 +76,40 @@ def run_demo(
             write_shards("digits", data_dir, split, plan.shard_size, limit=plan.limit)
     data, val = train_glob, val_glob
 
-    def train(name: str, mode: str, student: str, epochs: int, **kw: Any) -> dict[str, Any]:
-        run = os.path.join(out, name)
-        cfg = TrainConfig(
-            data=data,
-            val=val,
-            student=student,
-            out=run,
-            epochs=epochs,
-            teacher_mode=mode,
-            image_size=plan.image_size,
-            batch_size=plan.batch_size,
-            lr=plan.lr,
-            workers=workers,
-            device=device,
-            resume=True,
-            limit=plan.limit,
-            **kw,
-        )
-        log.info("training %s (%s, %d epochs)", name, mode, epochs)
+    # What every run shares; each run below varies it, and the cache is its teacher pass.
+    base = TrainConfig(
+        data=data,
+        val=val,
+        student=plan.student,
+        out=out,
+        epochs=plan.student_epochs,
+        image_size=plan.image_size,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        workers=workers,
+        device=device,
+        resume=True,
+        limit=plan.limit,
+    )
+
+    def train(name: str, mode: str, **kw: Any) -> dict[str, Any]:
+        cfg = replace(base, out=os.path.join(out, name), teacher_mode=mode, **kw)
+        log.info("training %s (%s, %d epochs)", name, mode, cfg.epochs)
         fit(cfg)
-        return {"history": read_metrics(run), "run": run}
+        return {"history": read_metrics(cfg.out), "run": cfg.out}
 
     teacher_run = train(
-        "teacher", "none", plan.teacher, plan.teacher_epochs, views=plan.teacher_views
+        "teacher",
+        "none",
+        student=plan.teacher,
+        epochs=plan.teacher_epochs,
+        views=plan.teacher_views,
     )
     teacher_weights = os.path.join(out, "teacher", "model.pt")
     cache = os.path.join(out, "teacher.zarr")
     log.info("precomputing %d epochs of function-matching views into %s", plan.cache_epochs, cache)
-    pre = PrecomputeConfig(
-        data=data,
-        teacher=plan.teacher,
-        teacher_weights=teacher_weights,
-        out=cache,
-        epochs=plan.cache_epochs,
-        teacher_image_size=plan.image_size,
-        batch_size=256,
-        workers=workers,
-        device=device,
-    )
+    base = replace(base, teacher=plan.teacher, teacher_weights=teacher_weights)
+    pre = base.teacher_pass(cache, plan.cache_epochs, "function_matching")
     if bar is not None:
         with bar(None, "precompute") as update:
             pre_result = precompute(pre, progress=update)
@@ -122,12 +117,9 @@ def run_demo(
         pre_result = precompute(pre)
 
     students = {}
-    teacher_kw = {"teacher": plan.teacher, "teacher_weights": teacher_weights}
     for mode in MODES:
         extra = {"cache": cache} if mode == "cached" else {"views": "function_matching"}
-        students[mode] = train(
-            f"student-{mode}", mode, plan.student, plan.student_epochs, **teacher_kw, **extra
-        )
+        students[mode] = train(f"student-{mode}", mode, **extra)
     report = _report(plan, teacher_run, students, pre_result)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
