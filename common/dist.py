@@ -61,24 +61,24 @@ def from_env() -> Dist:
 
 
 def setup(device_name: str) -> tuple[Dist, str]:
-    """Join torchrun's process group when there is one -> (place, device name for this rank).
+    """Join torchrun's process group when there is one -> (ranks, device name for this rank).
 
     Under torchrun with CUDA each rank uses ``cuda:LOCAL_RANK``; ``--device auto`` and
     ``--device cuda`` both mean that.
     """
-    place = from_env()
-    if not place.enabled:
-        return place, device_name
+    ranks = from_env()
+    if not ranks.enabled:
+        return ranks, device_name
     use_cuda = device_name.startswith("cuda") or (
         device_name == "auto" and torch.cuda.is_available()
     )
     if use_cuda:
-        torch.cuda.set_device(place.local_rank)
-        device_name = f"cuda:{place.local_rank}"
+        torch.cuda.set_device(ranks.local_rank)
+        device_name = f"cuda:{ranks.local_rank}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        log.info("rank %d of %d joined the process group", place.rank, place.world)
-    return place, device_name
+        log.info("rank %d of %d joined the process group", ranks.rank, ranks.world)
+    return ranks, device_name
 
 
 def teardown() -> None:

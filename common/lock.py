@@ -11,7 +11,7 @@ checked from here, so the message says to remove the file if that process is gon
 
 URLs (``s3://...``) are not locked: object storage offers no portable exclusive create, so
 the function logs that at debug level and does nothing. Under torchrun only rank 0 should
-take the lock: pass ``enabled=place.main`` (a disabled lock is a no-op).
+take the lock: pass ``enabled=ranks.main`` (a disabled lock is a no-op).
 """
 
 from __future__ import annotations

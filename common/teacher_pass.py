@@ -130,8 +130,8 @@ class _WorkBatches(Dataset):
         return {"batch": b, "views": views, "status": status, "pixels": pixels}
 
 
-def _plan_work(
-    cache: Cache, epochs: int, batch_size: int, limit_units: int | None, place: Dist | None = None
+def _work_list(
+    cache: Cache, epochs: int, batch_size: int, limit_units: int | None, ranks: Dist | None = None
 ) -> list[tuple[int, int, int, int]]:
     """(epoch, unit, lo, hi) batches of this rank's work units not yet done, epoch-major.
 
@@ -139,13 +139,13 @@ def _plan_work(
     so ranks agree without talking, whenever each of them reads the done marks, and a resumed
     job may use any number of ranks (the done marks, not the assignment, say what is left).
     """
-    place = place or Dist()
+    ranks = ranks or Dist()
     done = cache.done_mask()
     n_units = len(cache.units) if limit_units is None else min(limit_units, len(cache.units))
     batches = []
     for epoch in range(epochs):
         for unit in range(n_units):
-            if done[epoch, unit] or (epoch * len(cache.units) + unit) % place.world != place.rank:
+            if done[epoch, unit] or (epoch * len(cache.units) + unit) % ranks.world != ranks.rank:
                 continue
             count = cache.units[unit].count
             batches += [
@@ -199,18 +199,18 @@ def precompute(cfg: PrecomputeConfig, progress: Progress | None = None) -> dict:
     """
     cfg.validate()
     spec = get_spec(cfg.views)
-    place, device_name = dist.setup(cfg.device)
+    ranks, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
     # One job per cache: a second one (a requeue race) says who holds it instead of wiping a
     # cache being created or writing the same units twice. Rank 0 holds it for the job.
-    with output_lock(cfg.out, "cache", enabled=place.main):
-        return _precompute(cfg, spec, place, device, progress)
+    with output_lock(cfg.out, "cache", enabled=ranks.main):
+        return _precompute(cfg, spec, ranks, device, progress)
 
 
 def _precompute(
     cfg: PrecomputeConfig,
     spec: ViewSpec,
-    place: Dist,
+    ranks: Dist,
     device: torch.device,
     progress: Progress | None,
 ) -> dict:
@@ -246,8 +246,8 @@ def _precompute(
     identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size)
     # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
     # once it is there, and every rank checks it is the cache this job means.
-    cache = _open_or_create(cfg, index, identity, teacher) if place.main else None
-    place.barrier()
+    cache = _open_or_create(cfg, index, identity, teacher) if ranks.main else None
+    ranks.barrier()
     if cache is None:
         cache = open_cache(cfg.out, mode="a")
         cache.check_identity(identity, what="this precompute job")
@@ -263,7 +263,7 @@ def _precompute(
     if cfg.limit is not None:
         holding = sum(1 for u in index.units if u.start < cfg.limit)
         limit_units = holding if limit_units is None else min(limit_units, holding)
-    batches = _plan_work(cache, cfg.epochs, cfg.batch_size, limit_units, place)
+    batches = _work_list(cache, cfg.epochs, cfg.batch_size, limit_units, ranks)
     total = sum(hi - lo for _, _, lo, hi in batches)
     if progress:
         progress(0, total=total)
@@ -281,7 +281,7 @@ def _precompute(
     seconds = time.perf_counter() - started
     # Every rank's units are committed before anyone reports; the counts are the job's.
     reasons = schema.BAD_STATUSES
-    counts = place.sum([total, stats["units"], *(stats["bad"].get(r, 0) for r in reasons)], device)
+    counts = ranks.sum([total, stats["units"], *(stats["bad"].get(r, 0) for r in reasons)], device)
     total, units, by_reason = int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]]
     return {
         "cache": cfg.out,
@@ -293,7 +293,7 @@ def _precompute(
             schema.STATUS_NAMES[r]: c for r, c in zip(reasons, by_reason, strict=True) if c
         },
         "units_written": units,
-        "world_size": place.world,
+        "world_size": ranks.world,
         "epochs_complete": len(cache.complete_epochs()),
         "config": asdict(cfg),
     }

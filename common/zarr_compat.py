@@ -1,4 +1,4 @@
-"""Everything kdcache uses from zarr-python beyond its documented API, in one place.
+"""Everything kdcache uses from zarr-python beyond its documented API, in one ranks.
 
 kdcache was measured with zarr 3.1 (pyproject caps it there). Outside the documented
 ``zarr.open_group`` / ``zarr.Array`` API it relies on:

@@ -197,7 +197,7 @@ def read_steps(run) -> list[dict]:
 def epoch_batches(index, cfg, epoch: int) -> list[np.ndarray]:
     """The batches (global sample indices) of ``epoch`` as a one-process run of ``cfg`` draws
     them: the order from ``cfg.seed`` and ``cfg.window``, cut to ``cfg.limit``."""
-    from kdcache.train.plan import epoch_order, rank_batches
+    from kdcache.train.order import epoch_order, rank_batches
 
     order = epoch_order(index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:

@@ -12,8 +12,8 @@ from kdcache.cli.shards import ShardWriter
 from kdcache.data.index import load_index
 from kdcache.store import open_cache
 from kdcache.train import fit
+from kdcache.train.batches import EpochData, TrainBatches
 from kdcache.train.config import TrainConfig
-from kdcache.train.stream import StreamSpec, TrainBatches
 
 pytestmark = pytest.mark.faults
 
@@ -73,7 +73,7 @@ def test_trainer_skips_the_bad_row_only(broken_cache, broken_data, tmp_path, val
     index = load_index(broken_data)
     batches = [np.arange(0, 6), np.arange(6, 11)]
     data = TrainBatches(
-        StreamSpec(index, batches, 0, TEACHER_SIZE, cache.spec, cache.plan_seed, cache=cache)
+        EpochData(index, batches, 0, TEACHER_SIZE, cache.spec, cache.plan_seed, cache=cache)
     )
     first, second = data[0], data[1]
     assert first["skipped"] == 1 and second["skipped"] == 0

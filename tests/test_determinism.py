@@ -15,8 +15,8 @@ from kdcache.cache import precompute
 from kdcache.data.index import load_index
 from kdcache.runtime import loader_kwargs
 from kdcache.store import open_cache
-from kdcache.train.plan import epoch_order, rank_batches
-from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, pack, unpack
+from kdcache.train.batches import EpochData, PackedBatches, TrainBatches, pack, unpack
+from kdcache.train.order import epoch_order, rank_batches
 
 ARRAYS = (
     [f.name for f in schema.ROW_FIELDS]
@@ -108,7 +108,7 @@ def test_train_batches_independent_of_workers(tiny_cache, train_dir):
     cache = open_cache(tiny_cache)
     index = load_index(train_dir)
     batches = rank_batches(epoch_order(index.counts, 0, 1, window=2), 4)
-    spec = StreamSpec(
+    spec = EpochData(
         index, batches, 1, TEACHER_SIZE, cache.spec, cache.plan_seed, cache=cache, cache_epoch=1
     )
 
@@ -165,7 +165,7 @@ def test_packed_batches_unpack_to_the_same_batch(cached, tiny_cache, train_dir):
     index = load_index(train_dir)
     batches = rank_batches(epoch_order(index.counts, seed=0, epoch=0), 8)
     plain = TrainBatches(
-        StreamSpec(
+        EpochData(
             index,
             batches,
             0,

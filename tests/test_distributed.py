@@ -12,7 +12,7 @@ import zarr
 from conftest import TEACHER, TEACHER_SIZE, cache_config
 
 from kdcache.cache import precompute
-from kdcache.train.plan import epoch_order, rank_batches
+from kdcache.train.order import epoch_order, rank_batches
 
 
 def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.render import render_views
 from kdcache.store import open_cache
 from kdcache.train import TrainConfig, fit
-from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.train.batches import EpochData, TrainBatches
 from kdcache.units import UnitReader
 from kdcache.views import INDEPENDENT_STREAM, STUDENT_STREAM, get_spec, sample_unit_views
 
@@ -188,7 +188,7 @@ def test_fixed_targets_are_epoch_zero_rows_by_sample(center_cache, train_dir, ep
     rows = np.random.default_rng(epoch).permutation(index.num_samples)
     batches = [rows[:8], rows[8:16], rows[16:]]
     spec = get_spec("consistent")
-    stream = StreamSpec(index, batches, epoch, TEACHER_SIZE, spec, 0, target_cache=cache)
+    stream = EpochData(index, batches, epoch, TEACHER_SIZE, spec, 0, target_cache=cache)
     data = TrainBatches(stream)
     for b, batch in enumerate(batches):
         item = data[b]
@@ -315,7 +315,7 @@ def test_fixed_cache_honours_num_classes(train_dir, val_dir, tmp_path):
 def independent_batches(index, epoch: int, teacher_size: int) -> TrainBatches:
     rows = np.arange(index.num_samples)
     batches = [rows[:8], rows[8:16], rows[16:]]
-    stream = StreamSpec(
+    stream = EpochData(
         index,
         batches,
         epoch,

@@ -468,7 +468,7 @@ def test_teacher_and_student_of_other_conventions_get_their_own_pixels(train_dir
     pixels each would get rendered alone (the student's are not the teacher's)."""
     from kdcache.data.index import load_index
     from kdcache.render import InputConvention, render_views
-    from kdcache.train.stream import StreamSpec, TrainBatches
+    from kdcache.train.batches import EpochData, TrainBatches
     from kdcache.units import UnitReader
     from kdcache.views import get_spec, sample_unit_views
 
@@ -476,7 +476,7 @@ def test_teacher_and_student_of_other_conventions_get_their_own_pixels(train_dir
     half = InputConvention((0.5,) * 3, (0.5,) * 3)
     rows = np.arange(index.units[0].count)
     batch = TrainBatches(
-        StreamSpec(index, [rows], 0, 16, spec, 0, teacher_image_size=16, teacher_input=half)
+        EpochData(index, [rows], 0, 16, spec, 0, teacher_image_size=16, teacher_input=half)
     )[0]
     views = sample_unit_views(spec, 0, 0, 0, index.size[rows])
     images, _ = UnitReader(index).decode(np.arange(index.units[0].count))

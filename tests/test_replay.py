@@ -24,8 +24,8 @@ from kdcache.render import render_views
 from kdcache.replay import cached_unit_views, fresh_unit_views
 from kdcache.runtime import topk_rows
 from kdcache.store import open_cache
-from kdcache.train.plan import epoch_order, rank_batches
-from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.train.batches import EpochData, TrainBatches
+from kdcache.train.order import epoch_order, rank_batches
 from kdcache.views import Views, sample_unit_views
 
 
@@ -75,7 +75,7 @@ def views_of(rows: dict[str, np.ndarray]) -> Views:
 def train_items(cache, index, epoch: int, size: int, cached: bool = True, batch_size: int = 8):
     order = epoch_order(index.counts, seed=0, epoch=epoch, window=2)
     batches = rank_batches(order, batch_size)
-    stream = StreamSpec(
+    stream = EpochData(
         index,
         batches,
         epoch,

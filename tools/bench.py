@@ -105,14 +105,14 @@ def _rss_mb() -> float:
 
 def _rendered_batches(c: dict, n_batches: int) -> list:
     from kdcache.data.index import load_index
-    from kdcache.train.stream import StreamSpec, TrainBatches
+    from kdcache.train.batches import EpochData, TrainBatches
     from kdcache.views import get_spec
 
     index = load_index(c["data"])
     rows = np.arange(min(index.num_samples, n_batches * c["batch_size"]))
     batches = [rows[i : i + c["batch_size"]] for i in range(0, len(rows), c["batch_size"])]
     ds = TrainBatches(
-        StreamSpec(index, batches, 0, c["image_size"], get_spec("function_matching"), 0)
+        EpochData(index, batches, 0, c["image_size"], get_spec("function_matching"), 0)
     )
     return [ds[b]["pixels"] for b in range(len(ds))]
 
@@ -254,17 +254,17 @@ def stage_loader(c: dict) -> dict:
     from kdcache.models import create_model
     from kdcache.runtime import prepare_model, resolve_device
     from kdcache.store import open_cache
+    from kdcache.train.batches import EpochData, TrainBatches
     from kdcache.train.modes import get_mode
-    from kdcache.train.plan import epoch_order, rank_batches
+    from kdcache.train.order import epoch_order, rank_batches
     from kdcache.train.step import student_pixels, train_step
-    from kdcache.train.stream import StreamSpec, TrainBatches
 
     index, cache = load_index(c["data"]), open_cache(c["cache"])
     batches = rank_batches(epoch_order(index.counts, seed=0, epoch=0), c["batch_size"])
 
     def loader(cached: bool) -> TrainBatches:
         return TrainBatches(
-            StreamSpec(
+            EpochData(
                 index=index,
                 batches=batches,
                 epoch=0,

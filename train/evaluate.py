@@ -23,7 +23,7 @@ from kdcache.errors import KdcacheError
 from kdcache.models import load_model
 from kdcache.render import IMAGENET, InputConvention, resolve_image_size
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
-from kdcache.train.stream import StreamSpec, TrainBatches
+from kdcache.train.batches import EpochData, TrainBatches
 from kdcache.views import get_spec
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def eval_batches(
     n = index.num_samples
     batches = [np.arange(lo, min(lo + 256, n)) for lo in range(0, n, 256)]
     return TrainBatches(
-        StreamSpec(
+        EpochData(
             index,
             batches,
             epoch=0,
@@ -131,7 +131,7 @@ def evaluate(
     workers: int = 0,
     teacher: torch.nn.Module | None = None,
     teacher_image_size: int | None = None,
-    place: Dist | None = None,
+    ranks: Dist | None = None,
     *,
     student_input: InputConvention = IMAGENET,
     teacher_input: InputConvention = IMAGENET,
@@ -143,11 +143,11 @@ def evaluate(
     "teacher_agreement_top5" and "teacher_kl" (mean KL(teacher || student) at T = 1)}."""
     was_training = model.training
     model.eval()
-    place = place or Dist()
+    ranks = ranks or Dist()
     batches = eval_batches(
         index, image_size, teacher_image_size if teacher else None, student_input, teacher_input
     )
-    mine = list(range(place.rank, len(batches), place.world))  # ranks split the val set
+    mine = list(range(ranks.rank, len(batches), ranks.world))  # ranks split the val set
     loader = DataLoader(
         torch.utils.data.Subset(batches, mine),
         batch_size=None,
@@ -183,7 +183,7 @@ def evaluate(
                 F.kl_div(logits.log_softmax(1), t.log_softmax(1), log_target=True, reduction="sum")
             )
     model.train(was_training)
-    correct, scored, agree, agree5, seen, kl = place.sum(
+    correct, scored, agree, agree5, seen, kl = ranks.sum(
         [correct, scored, agree, agree5, seen, kl], device
     )
     out: dict = {

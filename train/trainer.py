@@ -38,12 +38,12 @@ from kdcache.render import IMAGENET, InputConvention, resolve_image_size
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
 from kdcache.teacher_pass import cache_identity, precompute
+from kdcache.train.batches import EpochData, PackedBatches, TrainBatches, unpack
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
-from kdcache.train.plan import epoch_order, rank_batches
+from kdcache.train.order import epoch_order, rank_batches
 from kdcache.train.step import student_pixels, train_step, zero_pixels
-from kdcache.train.stream import PackedBatches, StreamSpec, TrainBatches, unpack
 from kdcache.views import ViewSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -424,15 +424,15 @@ def fit(
     ``config.json``, given back with ``--config``); training starts only if this run resolves
     the same (``cache_epochs`` may grow: a cache can be extended)."""
     cfg.validate()
-    place, device_name = dist.setup(cfg.device)
+    ranks, device_name = dist.setup(cfg.device)
     device = resolve_device(device_name)
     with contextlib.ExitStack() as held:  # rank 0 holds the run directory's lock throughout
-        if place.main:
+        if ranks.main:
             _prepare_out(cfg, held)
-        place.barrier()
+        ranks.barrier()
         if cfg.mode.needs_center_cache:
             _prepare_center_cache(cfg)
-        return _fit(cfg, place, device, on_step, on_epoch, expect)
+        return _fit(cfg, ranks, device, on_step, on_epoch, expect)
 
 
 def _prepare_center_cache(cfg: TrainConfig) -> None:
@@ -452,7 +452,7 @@ def _prepare_center_cache(cfg: TrainConfig) -> None:
 
 def _fit(
     cfg: TrainConfig,
-    place: Dist,
+    ranks: Dist,
     device: torch.device,
     on_step: StepHook | None,
     on_epoch: EpochHook | None,
@@ -476,26 +476,26 @@ def _fit(
     resolved = _resolved_config(cfg, run, student_input)
     _check_expected(expect or {}, resolved)
     student = prepare_model(built.module, device, eval_mode=False)
-    if place.enabled:
+    if ranks.enabled:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    bare = student.module if place.enabled else student  # what checkpoints and eval see
+    bare = student.module if ranks.enabled else student  # what checkpoints and eval see
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
     steps_per_epoch = -(-samples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
     )
-    pos = _resume(cfg, bare, optimizer, schedule, place)
+    pos = _resume(cfg, bare, optimizer, schedule, ranks)
     fresh = (pos.epoch, pos.step) == (0, 0)
-    if place.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
+    if ranks.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
         _write_json(resolved, os.path.join(cfg.out, "config.json"))  # never rewritten
-    save = _Saver(cfg, bare, optimizer, schedule, place)
+    save = _Saver(cfg, bare, optimizer, schedule, ranks)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
-        if place.main and pos.step == 0:  # model.pt is the checkpoint's model, whatever came before
+        if ranks.main and pos.step == 0:  # model.pt is the checkpoint's model, whatever came before
             _save_atomic(bare.state_dict(), os.path.join(cfg.out, "model.pt"))
     while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
@@ -511,7 +511,7 @@ def _fit(
             cfg.workers,
             run.teacher.module if run.teacher else None,
             run.teacher_image_size,
-            place,
+            ranks,
             student_input=student_input,
             teacher_input=run.teacher_input,
             basis=run.accuracy_basis,
@@ -535,9 +535,9 @@ def _fit(
             metrics["images_per_s"],
             f"  ({metrics['skipped_rows']} rows skipped)" if metrics["skipped_rows"] else "",
         )
-        if on_epoch and place.main:
+        if on_epoch and ranks.main:
             on_epoch(metrics)
-    place.barrier()  # rank 0's last files are written before any rank returns
+    ranks.barrier()  # rank 0's last files are written before any rank returns
     return {"out": cfg.out, **metrics}
 
 
@@ -583,14 +583,14 @@ class _Saver:
     """
 
     def __init__(
-        self, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, schedule: Any, place: Dist
+        self, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, schedule: Any, ranks: Dist
     ):
-        self.cfg, self.model, self.optimizer, self.schedule, self.place = (
+        self.cfg, self.model, self.optimizer, self.schedule, self.ranks = (
             cfg,
             model,
             optimizer,
             schedule,
-            place,
+            ranks,
         )
         self.losses: list[tuple[int, int, torch.Tensor]] = []
         self.scalars = _Scalars(cfg.out)
@@ -610,7 +610,7 @@ class _Saver:
         return epoch + 1, step + 1, float(values[bad[0]])
 
     def _flush_losses(self) -> None:
-        if self.losses and self.place.main:
+        if self.losses and self.ranks.main:
             values = torch.stack([loss for _, _, loss in self.losses]).tolist()
             with open(os.path.join(self.cfg.out, "steps.jsonl"), "a") as f:
                 for (epoch, step, _), value in zip(self.losses, values, strict=True):
@@ -621,7 +621,7 @@ class _Saver:
 
     def checkpoint(self, pos: _Position) -> None:
         self._flush_losses()
-        if not self.place.main:
+        if not self.ranks.main:
             return
         _save_atomic(
             {
@@ -638,7 +638,7 @@ class _Saver:
 
     def epoch_end(self, metrics: dict[str, Any], pos: _Position) -> None:
         self._flush_losses()
-        if self.place.main:
+        if self.ranks.main:
             with open(os.path.join(self.cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             self.scalars.write(metrics)
@@ -680,14 +680,14 @@ def _train_epoch(
     save: _Saver,
 ) -> dict[str, Any]:
     """Train the rest of epoch ``pos.epoch`` from step ``pos.step``; its metrics (all ranks)."""
-    place, epoch = save.place, pos.epoch
+    ranks, epoch = save.ranks, pos.epoch
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:
         order = order[order < cfg.limit]
-    batches = rank_batches(order, cfg.batch_size, place.world, place.rank)
+    batches = rank_batches(order, cfg.batch_size, ranks.world, ranks.rank)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
     mode = run.mode
-    stream = StreamSpec(
+    epoch_data = EpochData(
         run.index,
         batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
         epoch,
@@ -707,7 +707,7 @@ def _train_epoch(
         or (run.cache.meta.get("max_image_pixels") if run.cache is not None else None),
     )
     loader = DataLoader(
-        PackedBatches(TrainBatches(stream)),
+        PackedBatches(TrainBatches(epoch_data)),
         batch_size=None,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(epoch),  # leaves the global RNG alone
@@ -734,11 +734,11 @@ def _train_epoch(
         total_loss += loss.detach() * len(item["rows"])
         images += len(item["rows"])
         save.step(epoch, step, loss)
-        if on_step and place.main:
+        if on_step and ranks.main:
             on_step(epoch, step, len(batches), float(loss.detach()) if step % 10 == 0 else math.nan)
         done = step + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < len(batches):
-            sums = place.sum(
+            sums = ranks.sum(
                 [float(total_loss), images, skipped, time.perf_counter() - started], device
             )
             _check_finite(sums[0], save, epoch, done)
@@ -749,16 +749,16 @@ def _train_epoch(
                     pos.loss_sum + sums[0],
                     pos.images + int(sums[1]),
                     pos.skipped + int(sums[2]),
-                    pos.seconds + sums[3] / place.world,
+                    pos.seconds + sums[3] / ranks.world,
                 )
             )
     seconds = time.perf_counter() - started
-    loss_sum, images, skipped, seconds = place.sum(
+    loss_sum, images, skipped, seconds = ranks.sum(
         [float(total_loss), images, skipped, seconds], device
     )
     _check_finite(loss_sum, save, epoch, len(batches))
     # The ranks ran side by side; a resumed epoch adds what its first part did.
-    seconds = pos.seconds + seconds / place.world
+    seconds = pos.seconds + seconds / ranks.world
     loss_sum, images, skipped = pos.loss_sum + loss_sum, pos.images + images, pos.skipped + skipped
     if skipped and cfg.strict:
         raise KdcacheError(
@@ -784,7 +784,7 @@ def _resume(
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
-    place: Dist,
+    ranks: Dist,
 ) -> _Position:
     path = os.path.join(cfg.out, "checkpoint.pt")
     if not cfg.resume:
@@ -811,7 +811,7 @@ def _resume(
         _recompute_schedule(cfg, optimizer, schedule, before)
     torch.set_rng_state(state["rng"])
     pos = _Position(**state.get("position", {"epoch": state["epoch"]}))
-    if not place.main:  # rank 0 carries the partial epoch's sums (they are over all ranks)
+    if not ranks.main:  # rank 0 carries the partial epoch's sums (they are over all ranks)
         pos = _Position(pos.epoch, pos.step)
     else:
         _cut_logs(cfg.out, pos)

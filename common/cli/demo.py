@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DemoPlan:
+class DemoSettings:
     """The demo's settings; ``smoke`` shrinks every budget to seconds."""
 
     image_size: int = 32
@@ -40,7 +40,7 @@ class DemoPlan:
     limit: int | None = None
 
 
-SMOKE = DemoPlan(teacher_epochs=1, student_epochs=1, cache_epochs=1, limit=256)
+SMOKE = DemoSettings(teacher_epochs=1, student_epochs=1, cache_epochs=1, limit=256)
 MODES = ("none", "online", "cached")
 
 
@@ -61,9 +61,10 @@ def run_demo(
     from kdcache.cli.shards import write_shards
     from kdcache.train import TrainConfig
     from kdcache.train import fit as plain_fit
+    from kdcache.train.modes import get_mode
     from kdcache.train.trainer import read_metrics
 
-    plan = SMOKE if smoke else DemoPlan()
+    settings = SMOKE if smoke else DemoSettings()
     fit = fit or plain_fit
     data_dir = os.path.join(out, "data")
     train_glob, val_glob = (
@@ -73,23 +74,23 @@ def run_demo(
     for split, pattern in (("train", train_glob), ("val", val_glob)):
         if not glob.glob(pattern):
             log.info("writing digits %s shards to %s", split, data_dir)
-            write_shards("digits", data_dir, split, plan.shard_size, limit=plan.limit)
+            write_shards("digits", data_dir, split, settings.shard_size, limit=settings.limit)
     data, val = train_glob, val_glob
 
     # What every run shares; each run below varies it, and the cache is its teacher pass.
     base = TrainConfig(
         data=data,
         val=val,
-        student=plan.student,
+        student=settings.student,
         out=out,
-        epochs=plan.student_epochs,
-        image_size=plan.image_size,
-        batch_size=plan.batch_size,
-        lr=plan.lr,
+        epochs=settings.student_epochs,
+        image_size=settings.image_size,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
         workers=workers,
         device=device,
         resume=True,
-        limit=plan.limit,
+        limit=settings.limit,
     )
 
     def train(name: str, mode: str, **kw: Any) -> dict[str, Any]:
@@ -101,15 +102,17 @@ def run_demo(
     teacher_run = train(
         "teacher",
         "none",
-        student=plan.teacher,
-        epochs=plan.teacher_epochs,
-        views=plan.teacher_views,
+        student=settings.teacher,
+        epochs=settings.teacher_epochs,
+        views=settings.teacher_views,
     )
     teacher_weights = os.path.join(out, "teacher", "model.pt")
     cache = os.path.join(out, "teacher.zarr")
-    log.info("precomputing %d epochs of function-matching views into %s", plan.cache_epochs, cache)
-    base = replace(base, teacher=plan.teacher, teacher_weights=teacher_weights)
-    pre = base.teacher_pass(cache, plan.cache_epochs, "function_matching")
+    log.info(
+        "precomputing %d epochs of function-matching views into %s", settings.cache_epochs, cache
+    )
+    base = replace(base, teacher=settings.teacher, teacher_weights=teacher_weights)
+    pre = base.teacher_pass(cache, settings.cache_epochs, "function_matching")
     if bar is not None:
         with bar(None, "precompute") as update:
             pre_result = precompute(pre, progress=update)
@@ -118,16 +121,17 @@ def run_demo(
 
     students = {}
     for mode in MODES:
-        extra = {"cache": cache} if mode == "cached" else {"views": "function_matching"}
+        reads_cache = get_mode(mode).reads_cache  # the registry says; no mode names here
+        extra = {"cache": cache} if reads_cache else {"views": "function_matching"}
         students[mode] = train(f"student-{mode}", mode, **extra)
-    report = _report(plan, teacher_run, students, pre_result)
+    report = _report(settings, teacher_run, students, pre_result)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(teacher_run, students, os.path.join(out, "accuracy.png"))
     return report
 
 
-def _report(plan: DemoPlan, teacher: dict, students: dict, pre: dict) -> dict[str, Any]:
+def _report(settings: DemoSettings, teacher: dict, students: dict, pre: dict) -> dict[str, Any]:
     def summary(run: dict) -> dict[str, Any]:
         last = run["history"][-1]
         out = {
@@ -142,15 +146,15 @@ def _report(plan: DemoPlan, teacher: dict, students: dict, pre: dict) -> dict[st
         return out
 
     return {
-        "teacher": {"model": plan.teacher, **summary(teacher)},
-        "student_model": plan.student,
+        "teacher": {"model": settings.teacher, **summary(teacher)},
+        "student_model": settings.student,
         "students": {mode: summary(run) for mode, run in students.items()},
         "cache": {
-            "epochs": plan.cache_epochs,
+            "epochs": settings.cache_epochs,
             "views": "function_matching",
             "precompute_images_per_s": pre.get("images_per_s"),
         },
-        "plan": plan.__dict__,
+        "plan": settings.__dict__,
     }
 
 
@@ -158,7 +162,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as a small text table."""
     lines = [
         f"teacher {report['teacher']['model']}: val accuracy {report['teacher']['accuracy']:.4f}",
-        f"student {report['student_model']}, {report['plan']['student_epochs']} epochs:",
+        f"student {report['student_model']}, {report['settings']['student_epochs']} epochs:",
         f"  {'targets':<8} {'val acc':>8} {'best':>8} {'agree':>8} {'train img/s':>12}",
     ]
     for mode, s in report["students"].items():

@@ -166,7 +166,7 @@ def write_shards(
     OUT may hold other splits, but shards of SPLIT already there are refused unless
     ``overwrite``, which replaces them as a whole: the new shards are written as ``*.partial``
     files first, and only when all are written are the old ones deleted and the new ones
-    renamed into place, so no run (even a killed one) leaves old and new shards side by side.
+    renamed into ranks, so no run (even a killed one) leaves old and new shards side by side.
     ``.partial`` files left by a killed run are removed by the next one.
     """
     if split not in ("train", "val"):
@@ -208,7 +208,7 @@ def write_shards(
             if os.path.exists(path):
                 os.remove(path)
         raise
-    # Every new shard is complete: drop the old split, then move the new one into place.
+    # Every new shard is complete: drop the old split, then move the new one into ranks.
     for path in old:
         os.remove(path)
     paths = []

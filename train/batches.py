@@ -31,7 +31,7 @@ _UNITS_KEPT = 16  # view tables kept per worker; a shuffle window spans a few un
 
 
 @dataclass
-class StreamSpec:
+class EpochData:
     """What the batches of one epoch are made of."""
 
     index: DatasetIndex
@@ -60,8 +60,8 @@ class TrainBatches(Dataset):
     when a teacher size is set: teacher_pixels (B, 3, T, T) float32.
     """
 
-    def __init__(self, stream: StreamSpec):
-        self.s = stream
+    def __init__(self, epoch: EpochData):
+        self.s = epoch
         self._reader: UnitReader | None = None
         self._units: OrderedDict[int, tuple] = OrderedDict()
 
