@@ -492,6 +492,7 @@ def _fit(
     if ranks.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
         _write_json(resolved, os.path.join(cfg.out, "config.json"))  # never rewritten
     save = _Saver(cfg, bare, optimizer, schedule, ranks)
+    learner = _Learner(student, bare, student_input, optimizer, schedule, device)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
@@ -500,9 +501,7 @@ def _fit(
     while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
         epoch = pos.epoch
-        metrics = _train_epoch(
-            cfg, run, student, student_input, optimizer, schedule, device, pos, on_step, save
-        )
+        metrics = _train_epoch(cfg, run, learner, pos, on_step, save)
         scores = evaluate(
             bare,
             run.val,
@@ -667,20 +666,35 @@ def _check_finite(total: float, save: _Saver, epoch: int, done: int) -> None:
     )
 
 
+@dataclass
+class _Learner:
+    """The student being trained and what steps it: ``module`` is what the loop calls (DDP
+    under torchrun), ``bare`` what checkpoints and evaluation see."""
+
+    module: torch.nn.Module
+    bare: torch.nn.Module
+    input: InputConvention  # the student's normalisation
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # LambdaLR: warm-up, then cosine
+    device: torch.device
+
+
 def _train_epoch(
     cfg: TrainConfig,
     run: _Run,
-    student: torch.nn.Module,
-    student_input: InputConvention,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    device: torch.device,
+    learner: _Learner,
     pos: _Position,
     on_step: StepHook | None,
     save: _Saver,
 ) -> dict[str, Any]:
     """Train the rest of epoch ``pos.epoch`` from step ``pos.step``; its metrics (all ranks)."""
     ranks, epoch = save.ranks, pos.epoch
+    student, optimizer, schedule, device = (
+        learner.module,
+        learner.optimizer,
+        learner.schedule,
+        learner.device,
+    )
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:
         order = order[order < cfg.limit]
@@ -699,7 +713,7 @@ def _train_epoch(
         teacher_image_size=run.teacher_image_size if mode.runs_teacher else None,
         target_cache=run.cache if mode.needs_center_cache else None,
         teacher_stream=mode.teacher_stream,
-        student_input=student_input,
+        student_input=learner.input,
         teacher_input=run.teacher_input,
         strict=cfg.strict,
         # Rows a cache calls usable were judged by its pixel limit: decode up to it.
