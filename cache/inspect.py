@@ -20,6 +20,15 @@ def summary(cache: Cache) -> dict[str, Any]:
     # Bytes per row (apparent and on disk), payload vs per-file overhead, and the shard size
     # that would bring the overhead under 10 %: kdcache.sizes says what each number means.
     sizes = size_report(cache, done) or {"bytes_per_row": None, "bytes_per_row_by_array": None}
+    by_op = None
+    if sizes.get("bytes_per_row_by_array"):
+        # Which op's parameters each array holds (the teacher's outputs and the row status are
+        # "teacher" and "status"; the view's replay seed is "view").
+        owners = cache.spec.field_owners()
+        by_op = {}
+        for name, value in sizes["bytes_per_row_by_array"].items():
+            owner = owners.get(name) or {"seed": "view", "status": "status"}.get(name, "teacher")
+            by_op[owner] = round(by_op.get(owner, 0.0) + value, 2)
     m = cache.meta
     return {
         "path": cache.path,
@@ -35,6 +44,8 @@ def summary(cache: Cache) -> dict[str, Any]:
         "teacher": m["teacher"],
         "teacher_weights_hash": m["teacher_weights_hash"],
         "views": m["views"]["name"],
+        "view_spec": m["views"]["spec"],
+        "bytes_per_row_by_op": by_op,
         "plan_seed": m["plan_seed"],
         "topk": m["topk"],
         "num_classes": m["num_classes"],

@@ -105,7 +105,9 @@ class _Views(Dataset):
                 f"shard {self.index.units[unit].name}: {len(failed)} images that the cache "
                 "rendered no longer decode; the data changed since the cache was made"
             )
-        pixels = render_views(views, rows, images, self.size, self.cache.teacher_input)
+        convention = self.cache.teacher_input
+        resample = self.cache.spec.resample("teacher", convention.interpolation)
+        pixels = render_views(views, rows, images, self.size, convention, resample)
         return {
             "pixels": pixels,
             "topk_index": torch.from_numpy(targets["topk_index"][positions].astype(np.int64)),
@@ -223,7 +225,7 @@ def scan(cache: Cache, progress: Callable[[int], Any] | None = None) -> list[dic
             if progress:
                 progress(1)
             continue
-        for name in schema.ROW_NAMES:
+        for name in cache.row_names:
             try:
                 values = cache.read_unit(epoch, unit, (name,))[name]
             except CacheDamagedError as e:

@@ -64,7 +64,7 @@ class CacheWriter(Cache):
         selection = (epoch, slice(unit * self.slot, (unit + 1) * self.slot))
         writes = []
         entry = [epoch, unit]
-        for field in schema.ROW_FIELDS:
+        for field in self.row_fields:
             arr = self.array(field.name)
             data = np.asarray(rows[field.name], dtype=arr.dtype)
             if data.shape[0] != count:
@@ -93,7 +93,7 @@ class CacheWriter(Cache):
         if epochs <= self.epochs:
             return
         manifest = (schema.MANIFEST_ARRAY,) if self.has_manifest else ()
-        for name in schema.ROW_NAMES + manifest:
+        for name in self.row_names + manifest:
             arr = self.array(name)
             arr.resize((epochs, *arr.shape[1:]))
             faults.point("extend")
@@ -140,7 +140,8 @@ def create_cache(
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
     faults.point("group")
     k, c = int(meta["topk"]), int(meta["num_classes"])
-    for field in schema.ROW_FIELDS:
+    row_fields = schema.row_fields(meta["views"])
+    for field in row_fields:
         trail = schema.trailing_shape(field, k)
         group.create_array(
             field.name,
@@ -175,9 +176,9 @@ def create_cache(
     meta["sample_checksums"] = sums  # per unit, per sample array (SAMPLE_FIELDS order)
     group.create_array(
         schema.MANIFEST_ARRAY,
-        shape=(epochs, len(units), 2 + len(schema.ROW_FIELDS)),
+        shape=(epochs, len(units), 2 + len(row_fields)),
         dtype="uint32",
-        chunks=(1, 1, 2 + len(schema.ROW_FIELDS)),
+        chunks=(1, 1, 2 + len(row_fields)),
         fill_value=schema.MANIFEST_FILL,
         compressors=_compressors(),
         dimension_names=("epoch", "unit", "entry"),

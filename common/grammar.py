@@ -22,7 +22,8 @@ from typing import Any
 from kdcache.errors import KdcacheError
 
 _NAME = re.compile(r"[A-Za-z_][\w.]*(?::[A-Za-z_]\w*)?")
-_KEY = re.compile(r"\s*([A-Za-z_]\w*)\s*=")
+_KEY = re.compile(r"\s*([A-Za-z_]\w*)\s*=(?!=)")
+_WORD = re.compile(r"[A-Za-z_]\w*")
 _LITERALS = (bool, int, float, str)
 
 
@@ -33,6 +34,7 @@ class Term:
     name: str
     kwargs: dict[str, Any]
     column: int
+    args: tuple[Any, ...] = ()  # arguments without a key, in order
 
     @property
     def is_user(self) -> bool:
@@ -40,14 +42,29 @@ class Term:
         return ":" in self.name
 
     def __str__(self) -> str:
-        return format_term(self.name, self.kwargs)
+        return format_term(self.name, self.kwargs, self.args)
 
 
-def format_term(name: str, kwargs: dict[str, Any]) -> str:
-    """``name(k=v, ...)`` with the values as literals, the form :func:`parse` reads back."""
-    if not kwargs:
+def format_term(name: str, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> str:
+    """``name(a, k=v, ...)`` with the values as literals, the form :func:`parse` reads back."""
+    if not kwargs and not args:
         return name
-    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    parts = [repr(v) for v in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+def bind(term: Term, parameters: list[str], what: str) -> dict[str, Any]:
+    """The term's arguments by name: those without a key take ``parameters`` in order."""
+    if len(term.args) > len(parameters):
+        raise KdcacheError(
+            f"{what}: {term.name} takes at most {len(parameters)} arguments without a key "
+            f"({', '.join(parameters) or 'none'}), got {len(term.args)}"
+        )
+    named = dict(zip(parameters, term.args, strict=False))
+    twice = sorted(set(named) & set(term.kwargs))
+    if twice:
+        raise KdcacheError(f"{what}: {term.name} is given {', '.join(twice)} twice")
+    return {**named, **term.kwargs}
 
 
 class _Parser:
@@ -92,30 +109,41 @@ class _Parser:
         self.pos = m.end()
         self.skip_space()
         kwargs: dict[str, Any] = {}
+        args: tuple[Any, ...] = ()
         if self.pos < len(self.spec) and self.spec[self.pos] == "(":
-            kwargs = self.arguments()
+            args, kwargs = self.arguments()
             self.skip_space()
-        return Term(m.group(), kwargs, column)
+        return Term(m.group(), kwargs, column, args)
 
-    def arguments(self) -> dict[str, Any]:
-        """From ``(`` to its ``)``: ``k=v`` pairs split at commas outside quotes."""
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """From ``(`` to its ``)``: values, then ``k=v`` pairs, split at commas outside
+        quotes."""
         opened = self.pos
         self.pos += 1
+        args: list[Any] = []
         kwargs: dict[str, Any] = {}
         while True:
             self.skip_space()
             if self.spec.startswith(")", self.pos):
                 self.pos += 1
-                return kwargs
+                return tuple(args), kwargs
+            if self.pos >= len(self.spec):
+                raise self.fail(opened, "'(' is never closed", "close it with ')'")
             m = _KEY.match(self.spec, self.pos)
             if m is None:
-                if self.pos >= len(self.spec):
-                    raise self.fail(opened, "'(' is never closed", "close it with ')'")
-                raise self.fail(
-                    self.pos,
-                    "expected an argument key=value",
-                    "write arguments as key=value separated by commas, e.g. (t=2, w=0.5)",
-                )
+                if kwargs:
+                    raise self.fail(
+                        self.pos,
+                        "an argument without a key after key=value ones",
+                        "put arguments without a key first, e.g. (2, 9, mstd=0.5)",
+                    )
+                start = self.pos
+                end = self.value_end(start, opened)
+                args.append(self.value(f"argument {len(args) + 1}", start, end))
+                self.pos = end
+                if self.spec.startswith(",", self.pos):
+                    self.pos += 1
+                continue
             key, start = m.group(1), m.end()
             if key in kwargs:
                 raise self.fail(m.start(1), f"{key} is given twice", "give each argument once")
@@ -153,11 +181,11 @@ class _Parser:
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = None
+            value = text if _WORD.fullmatch(text) else None  # a bare word: mode=pixel
         if not isinstance(value, _LITERALS):
             raise self.fail(
                 start,
-                f"the value of {key}, {text}, is not an int, float, bool or string literal",
+                f"the value of {key}, {text}, is not an int, float, bool, string or word",
                 f"write a number, True/False, or a quoted string such as {key}='{text}'",
             )
         return value

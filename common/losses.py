@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kdcache.errors import KdcacheError
-from kdcache.grammar import Term, format_term, format_terms, parse, user_object
+from kdcache.grammar import Term, bind, format_term, format_terms, parse, user_object
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -148,10 +148,10 @@ def create_loss(spec: str, defaults: Mapping[str, Any] | None = None, what: str 
     takes them and that does not name them (the trainer passes ``t`` from ``--temperature``)."""
     built, resolved = [], []
     for term in parse_loss(spec, what):
-        kwargs = dict(term.kwargs)
-        w = float(kwargs.pop("w", 1.0))
         factory = _user_class(term, what) if term.is_user else LOSSES[term.name]
         params = _parameters(factory)
+        kwargs = bind(term, [p for p in params if p != "w"], f"{what} {spec!r}")
+        w = float(kwargs.pop("w", 1.0))
         kwargs.update(
             {k: v for k, v in (defaults or {}).items() if k in params and k not in kwargs}
         )

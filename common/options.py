@@ -341,8 +341,11 @@ WEIGHTS_HELP = (
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available)"
 WORKERS_HELP = "DataLoader worker processes that decode and render (0: in-process)"
 VIEWS_HELP = (
-    "view preset: function_matching (crop+flip+mixup), consistent (crop+flip), center (no "
-    "randomness)"
+    "a view preset, function_matching (inception_crop|flip|mixup), consistent "
+    "(inception_crop|flip) or center (center_crop), or a pipeline of view ops such as "
+    "'inception_crop(min_area=0.08)|flip|randaugment(2, 9)|mix(mixup=0.8, cutmix=1)|erase' "
+    "(ops: inception_crop, center_crop, flip, randaugment, color_jitter, erase, mixup, cutmix, "
+    "mix, interpolation, or pkg.module:Class; see the README)"
 )
 PLAN_SEED_HELP = "seed of the views (not of the model or order)"
 MAX_PIXELS_HELP = (

@@ -23,7 +23,7 @@ from kdcache.options import (
     num_classes_help,
     option,
 )
-from kdcache.views import PRESETS
+from kdcache.views import get_spec
 
 STRICT_HELP = (
     "an unusable image (no image, undecodable, too large, a mixing partner that does not "
@@ -43,7 +43,7 @@ class PrecomputeConfig:
     epochs: int = option(help="epochs of views to store")
     teacher_weights: str | None = option(None, help=WEIGHTS_HELP)
     topk: int | None = option(None, help="logits kept per view", shown="min(10, C)")
-    views: str = option("function_matching", help=VIEWS_HELP, choices=PRESETS)
+    views: str = option("function_matching", help=VIEWS_HELP, metavar="SPEC")
     plan_seed: int = option(0, help=PLAN_SEED_HELP)
     teacher_image_size: int | str = option(
         224, help="teacher input px, or auto (the data's median short side)"
@@ -84,5 +84,9 @@ class PrecomputeConfig:
             )
             if value is not None and value < low
         ]
+        try:
+            get_spec(self.views)
+        except KdcacheError as e:
+            problems.append(str(e))
         if problems:
             raise KdcacheError("; ".join(problems))

@@ -5,12 +5,15 @@ with the same parameters, images and size the two tensors are bit-identical, whi
 replay tests check. Each side renders at its own resolution from the same source-pixel box.
 
 Order of operations, fixed because floating point is not associative:
-crop + resize in one Pillow call on the 8-bit image (bilinear, antialiased when shrinking; Pillow
-computes 8-bit resampling in fixed point, so the bytes do not depend on the CPU) -> flip ->
-scale to [0, 1] float32 -> mixup ``lam * own + (1 - lam) * partner`` with ``lam`` taken from its
-float16 value -> normalise with the model's own mean and std (:class:`InputConvention`;
-teacher and student may differ, and the cache records the teacher's). :data:`RENDERER` names
-this recipe; caches record it and the trainer refuses a cache rendered by another recipe.
+crop + resize in one Pillow call on the 8-bit image (bilinear, or what an ``interpolation`` op
+says; antialiased when shrinking; Pillow computes 8-bit resampling in fixed point, so the bytes
+do not depend on the CPU) -> the view ops before the mixing op on the 8-bit image (flip,
+RandAugment, colour jitter, erasing; the partner's with its own parameters) -> scale to [0, 1]
+float32 -> the mix (mixup ``lam * own + (1 - lam) * partner`` with ``lam`` taken from its
+float16 value; CutMix pastes the partner's box) -> the ops after it, on the float image ->
+normalise with the model's own mean and std (:class:`InputConvention`; teacher and student may
+differ, and the cache records the teacher's). :data:`RENDERER` names this recipe and the cache's
+view spec records every op's version; the trainer refuses a cache made another way.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ import torch
 from PIL import Image
 
 from kdcache.errors import KdcacheError
-from kdcache.views import MIN_IMAGE_SIZE, Views
+from kdcache.view_ops import Mixup
+from kdcache.views import MIN_IMAGE_SIZE, PRESETS, Views, ViewSpec
+
+# Views without a spec (made by hand) render as crop|flip|mixup: what every view was before
+# view ops, whatever its crop was (the box is given).
+LEGACY = PRESETS["function_matching"]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +105,17 @@ def _as_pil(image: SourceImage) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), "RGB")
 
 
-def crop_resize(image: SourceImage, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def crop_resize(
+    image: SourceImage, box: np.ndarray, flip: bool, size: int, resample: str = "bilinear"
+) -> np.ndarray:
     """Image (PIL, or (3, H, W) / (H, W, 3) uint8), box (top, left, height, width) ->
-    (size, size, 3) uint8."""
+    (size, size, 3) uint8, resized with ``resample`` (bilinear or bicubic)."""
     top, left, height, width = (int(v) for v in box)
     out = _as_pil(image).resize(
-        (size, size), Image.Resampling.BILINEAR, box=(left, top, left + width, top + height)
+        (size, size), _RESAMPLE[resample], box=(left, top, left + width, top + height)
     )
     array = np.asarray(out)
     return array[:, ::-1] if flip else array
@@ -114,39 +127,79 @@ def render_views(
     images: Mapping[int, SourceImage],
     size: int,
     convention: InputConvention = IMAGENET,
+    resample: str = "bilinear",
 ) -> torch.Tensor:
     """Render ``views`` of samples ``rows`` (global indices) -> (B, 3, size, size) float32,
     normalised by ``convention``.
 
     images: decoded images by global index; mixing partners must be present too.
+    resample: the crop's resize filter (``ViewSpec.resample`` says which for each side).
     """
-    return normalize(render_raw(views, rows, images, size), convention)
+    return normalize(render_raw(views, rows, images, size, resample), convention)
 
 
 def render_raw(
-    views: Views, rows: np.ndarray, images: Mapping[int, SourceImage], size: int
+    views: Views,
+    rows: np.ndarray,
+    images: Mapping[int, SourceImage],
+    size: int,
+    resample: str = "bilinear",
 ) -> np.ndarray:
-    """The views before normalisation: (B, size, size, 3) float32 in [0, 1], mixed."""
+    """The views before normalisation: (B, size, size, 3) float32 in [0, 1], mixed.
+
+    Per row: the crop, resized; then the ops before the mixing op on the 8-bit image (on the
+    partner's too, with its own parameters); then the mix; then the ops after it on the float
+    image. A pipeline of crop, flip and mixup takes the vectorised path it always took.
+    """
+    spec = views.spec or LEGACY
     n = len(rows)
+    ops = spec.ops
+    kinds = [getattr(op, "kind", "") for op in ops]
+    mix_at = kinds.index("mix") if "mix" in kinds else len(ops)
+    before = [i for i in range(mix_at) if kinds[i] not in ("crop", "resample")]
+    after = [i for i in range(mix_at + 1, len(ops)) if kinds[i] != "resample"]
     own = np.empty((n, size, size, 3), dtype=np.uint8)
     other = np.zeros((n, size, size, 3), dtype=np.uint8)
     for b, i in enumerate(rows):
-        own[b] = crop_resize(images[int(i)], views.box[b], bool(views.flip[b]), size)
+        image = crop_resize(images[int(i)], views.box[b], False, size, resample)
+        own[b] = _pipeline(image, spec, views, b, before)
         partner = int(views.partner[b])
         if partner >= 0:
-            other[b] = crop_resize(
-                images[partner], views.partner_box[b], bool(views.partner_flip[b]), size
-            )
+            image = crop_resize(images[partner], views.partner_box[b], False, size, resample)
+            other[b] = _pipeline(image, spec, views, b, before, partner=True)
     # numpy, single-threaded: these small element-wise ops are slower under torch's thread
     # pool on a busy CPU, and IEEE float32 arithmetic gives the same bytes either way.
     x = own.astype(np.float32)
     x /= np.float32(255.0)
     mixed = views.partner >= 0
     if mixed.any():
-        lam = views.lam[mixed].astype(np.float32).reshape(-1, 1, 1, 1)  # exact: f16 -> f32
-        y = other[mixed].astype(np.float32)
-        y /= np.float32(255.0)
-        x[mixed] = x[mixed] * lam + y * (np.float32(1.0) - lam)
+        if isinstance(ops[mix_at], Mixup):
+            lam = views.lam[mixed].astype(np.float32).reshape(-1, 1, 1, 1)  # exact: f16 -> f32
+            y = other[mixed].astype(np.float32)
+            y /= np.float32(255.0)
+            x[mixed] = x[mixed] * lam + y * (np.float32(1.0) - lam)
+        else:
+            op = ops[mix_at]
+            for b in np.flatnonzero(mixed):
+                params = views.params(b, mix_at, spec=spec)
+                x[b] = op.mix(own[b], other[b], float(views.lam[b]), params)
+    if after:
+        for b in range(n):
+            x[b] = _pipeline(x[b], spec, views, b, after)
+    return x
+
+
+def _pipeline(
+    x: np.ndarray,
+    spec: ViewSpec,
+    views: Views,
+    row: int,
+    positions: list[int],
+    partner: bool = False,
+) -> np.ndarray:
+    """Ops ``positions`` of ``spec`` applied in order to one image of row ``row``."""
+    for i in positions:
+        x = spec.ops[i].apply(x, views.params(row, i, partner, spec))
     return x
 
 

@@ -43,7 +43,12 @@ def cached_unit_views(
     """
     rows = cache.read_unit(epoch, unit)
     check_unit(cache, index, unit, epoch, rows)
-    views = Views(**{name: rows[name] for name in schema.VIEW_FIELDS})
+    spec = cache.spec
+    views = Views(
+        **{name: rows[name] for name in schema.VIEW_FIELDS},
+        ops={name: rows[name] for name, *_ in spec.op_fields()},
+        spec=spec,
+    )
     views.partner = views.partner.astype(np.int64)
     targets = {name: rows[name] for name in TARGET_FIELDS}
     return views, rows["status"] == schema.OK, targets

@@ -104,6 +104,22 @@ SAMPLE_FIELDS: tuple[Field, ...] = (
 ROW_NAMES = tuple(f.name for f in ROW_FIELDS)  # a manifest cell's checksums come in this order
 SAMPLE_NAMES = tuple(f.name for f in SAMPLE_FIELDS)  # and ``sample_checksums``' in this one
 VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
+
+
+def row_fields(views: Mapping[str, Any]) -> tuple[Field, ...]:
+    """The per-epoch arrays of a cache whose ``views`` attribute is ``views``: the
+    :data:`ROW_FIELDS` every cache has, then one per field of its view ops
+    (:meth:`kdcache.views.ViewSpec.op_fields`: RandAugment's ops and magnitudes, erasing's and
+    CutMix's boxes, ...), in pipeline order. A manifest cell checksums them in this order."""
+    from kdcache.views import ViewSpec
+
+    spec = ViewSpec.from_dict(views)
+    extra = tuple(
+        Field(name, f.dtype, f.fill, f.shape, doc=f.doc) for name, _, _, f in spec.op_fields()
+    )
+    return ROW_FIELDS + extra
+
+
 DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit
 # (epochs, units, 2 + row arrays) uint32, one chunk per cell, written just before the done mark:
 # the cell's (epoch, unit), then per row array (ROW_FIELDS order) the crc32c of the unit's rows

@@ -29,7 +29,6 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from kdcache import schema
 from kdcache.errors import KdcacheError
 
 if TYPE_CHECKING:
@@ -116,7 +115,7 @@ def size_report(cache: Cache, done: np.ndarray | None = None) -> dict[str, Any] 
     take = min(SAMPLE_UNITS, max(1, SAMPLE_ROWS // int(counts.max())))
     sample = np.unique(committed[np.linspace(0, len(committed) - 1, take).astype(int)], axis=0)
     by_array, fixed, rate, total, payload = {}, [], [], np.zeros(5, dtype=np.int64), 0.0
-    for field in schema.ROW_FIELDS:
+    for field in cache.row_fields:
         sizes = _files(os.path.join(cache.path, field.name))
         total += sizes
         n, a, _, ma, _ = (int(x) for x in sizes)

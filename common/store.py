@@ -63,6 +63,13 @@ class Cache:
         _check_schema_version(self.path, self.meta)
         for key, value in schema.LEGACY_ATTRIBUTES.items():  # older caches mean these
             self.meta.setdefault(key, value)
+        # The view spec in today's form (caches made before view ops store the old dict, read
+        # as the preset pipeline it describes), so identities compare like with like.
+        spec = ViewSpec.from_dict(self.meta["views"])
+        self.meta["views"] = spec.to_dict()
+        self._spec = spec
+        self.row_fields = schema.row_fields(self.meta["views"])
+        self.row_names = tuple(f.name for f in self.row_fields)
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -96,7 +103,13 @@ class Cache:
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "meta": self.meta}
+        return {
+            "path": self.path,
+            "meta": self.meta,
+            "_spec": self._spec,
+            "row_fields": self.row_fields,
+            "row_names": self.row_names,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(
@@ -151,7 +164,7 @@ class Cache:
 
     @property
     def spec(self) -> ViewSpec:
-        return ViewSpec.from_dict(self.meta["views"])
+        return self._spec
 
     @property
     def plan_seed(self) -> int:
@@ -207,7 +220,7 @@ class Cache:
         self, epoch: int, unit: int, fields: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
         """The unit's rows of one epoch: one contiguous read per array, (count, ...) each."""
-        return self._read(fields or schema.ROW_NAMES, epoch, unit)
+        return self._read(fields or self.row_names, epoch, unit)
 
     def read_samples(
         self, unit: int, fields: tuple[str, ...] | None = None
@@ -313,7 +326,7 @@ class Cache:
         if entry is None:
             return
         for name, rows in values.items():
-            expected = int(entry[2 + schema.ROW_NAMES.index(name)])
+            expected = int(entry[2 + self.row_names.index(name)])
             if schema.rows_checksum(rows) != expected:
                 raise self._damaged(
                     name,

@@ -125,7 +125,12 @@ class _WorkBatches(Dataset):
         pixels = torch.zeros(len(rows), 3, self.size, self.size)
         if good.any():
             pixels[torch.from_numpy(good)] = render_views(
-                views.take(good), rows[good], images, self.size, self.convention
+                views.take(good),
+                rows[good],
+                images,
+                self.size,
+                self.convention,
+                self.spec.resample("teacher", self.convention.interpolation),
             )
         return {"batch": b, "views": views, "status": status, "pixels": pixels}
 
@@ -377,13 +382,15 @@ def _run(
 def _assemble(parts: list) -> dict[str, np.ndarray]:
     """Concatenate a work unit's batches into its row fields."""
     parts.sort(key=lambda p: p[0])
-    out: dict[str, list] = {f.name: [] for f in schema.ROW_FIELDS}
+    out: dict[str, list] = {}
     for _, views, status, rows in parts:
         for name in schema.VIEW_FIELDS:
-            out[name].append(getattr(views, name))
+            out.setdefault(name, []).append(getattr(views, name))
+        for name, values in views.ops.items():  # the view ops' own fields
+            out.setdefault(name, []).append(values)
         for name, values in rows.items():
-            out[name].append(values)
-        out["status"].append(status)
+            out.setdefault(name, []).append(values)
+        out.setdefault("status", []).append(status)
     fields = {name: np.concatenate(chunks) for name, chunks in out.items()}
     bad = fields["status"] != schema.OK
     for name in ("topk_logits", "topk_index", "lse"):  # the teacher saw a blank image there

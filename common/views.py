@@ -1,8 +1,10 @@
 """Views: the exact input one training example sees, as a pure function of where it sits.
 
-A view of sample ``i`` in epoch ``e`` is drawn from a counter-based generator keyed by
-``(plan seed, stream, epoch, i)``: no global RNG state, no Python ``hash()``, so the same view
-comes out whatever the worker count, world size, batch size or processing order.
+A view spec (:class:`ViewSpec`) is a pipeline of view ops (:mod:`kdcache.view_ops`), written
+``inception_crop|flip|mixup`` or named by a preset (:data:`PRESETS`). A view of sample ``i`` in
+epoch ``e`` is drawn from counter-based streams keyed by ``(plan seed, stream, epoch, i)`` and
+the op's position (:mod:`kdcache.draws`), so the same view comes out whatever the worker count,
+world size, batch size or processing order.
 
 Views are sampled a whole unit (tar shard) at a time because mixing partners are drawn inside the
 unit, so a streaming reader holds both images. The realised parameters are returned already in
@@ -16,79 +18,219 @@ order of ``torchvision.transforms.v2.functional.resized_crop``.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from kdcache.draws import view_keys
 from kdcache.errors import KdcacheError
+from kdcache.grammar import bind, parse
+from kdcache.view_ops import (
+    ONCE,
+    CenterCrop,
+    Flip,
+    InceptionCrop,
+    Interpolation,
+    Mixup,
+    OpDraws,
+    OpField,
+    ViewOp,
+    op_class,
+    pick_partners,
+)
+
+__all__ = ["PRESETS", "ViewSpec", "Views", "get_spec", "sample_unit_views", "view_keys"]
 
 # Streams: the student's (and a consistent teacher's) views, and the second stream that
 # `independent` mode gives the teacher.
 STUDENT_STREAM = 0
 INDEPENDENT_STREAM = 1
-
-_GAMMA_INT = 0x9E3779B97F4A7C15  # golden-ratio increment of splitmix64
-_GAMMA = np.uint64(_GAMMA_INT)
-_INCEPTION_TRIES = 10  # as torchvision's RandomResizedCrop
 MIN_IMAGE_SIZE = 8  # px: the smallest side views render to (the built-in nets need 8)
-
-# Draw slots per view. Fixed offsets (not "the next draw") keep every parameter's draw
-# independent of how many attempts another parameter needed.
-_OWN, _PARTNER = 0, 32  # base slot of the own crop and of the partner's crop
-_CROP_POS = 2 * _INCEPTION_TRIES  # two draws per attempt (area, log aspect), then y and x
-_FLIP = _CROP_POS + 2
-_PICK_PARTNER, _LAM = 64, 65
+EXAMPLE = "inception_crop(min_area=0.08)|flip|randaugment(2, 9)|mixup|erase(p=0.25)"
 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """How views are drawn. Presets (Beyer et al. 2022): see :data:`PRESETS`.
+    """A view pipeline: ``ops`` applied in order; ``name`` is the preset's, or the spec itself.
 
-    ``crop``: ``"inception"`` (random area/aspect box, as RandomResizedCrop) or ``"center"``
-    (a centred square of ``crop_fraction`` x the short side, like resize-256/crop-224).
-    ``mix``: ``"none"`` or ``"mixup"`` (partner in the same unit, ``lam ~ U(0,1)``, the sample
-    keeps weight ``max(lam, 1 - lam)``).
+    Rules (checked by :meth:`parse`): a crop op comes first; a crop, a flip, a mixing op and an
+    interpolation appear at most once each (they draw from the view's base stream); 8-bit
+    ``image`` ops (randaugment, color_jitter) come before the mixing op.
     """
 
     name: str
-    crop: str = "inception"
-    min_area: float = 0.05
-    max_area: float = 1.0
-    min_aspect: float = 3 / 4
-    max_aspect: float = 4 / 3
-    flip: bool = True
-    mix: str = "none"
-    crop_fraction: float = 0.875
+    ops: tuple[ViewOp, ...]
+
+    @classmethod
+    def parse(cls, text: str, name: str | None = None, what: str = "--views") -> ViewSpec:
+        """A spec string -> its pipeline (a :class:`KdcacheError` naming what is wrong)."""
+        terms = parse(text, "|", what, EXAMPLE)
+        ops = []
+        for term in terms:
+            factory = op_class(term.name, what)
+            params = (
+                [f.name for f in dataclasses.fields(factory)]
+                if dataclasses.is_dataclass(factory)
+                else []
+            )
+            where = f"{what} {text!r}, column {term.column}"
+            try:
+                op = factory(**bind(term, params, where))
+                op.check()
+            except (TypeError, ValueError) as e:
+                raise KdcacheError(f"{where}: {term} cannot be made ({e})") from None
+            ops.append(op)
+        spec = cls("", tuple(ops))
+        spec._check_order(text, what)
+        return dataclasses.replace(spec, name=name or spec.spec)
+
+    def _check_order(self, text: str, what: str) -> None:
+        kinds = [getattr(op, "kind", "pixels") for op in self.ops]
+        problems = []
+        if not kinds or kinds[0] != "crop":
+            problems.append("it must start with a crop: inception_crop or center_crop")
+        for kind in ONCE:
+            if kinds.count(kind) > 1:
+                problems.append(f"it has {kinds.count(kind)} {kind} ops; a view has one")
+        if "mix" in kinds:
+            after = list(zip(self.ops, kinds, strict=True))[kinds.index("mix") :]
+            late = [op.name for op, kind in after if kind == "image"]
+            if late:
+                problems.append(
+                    f"{', '.join(late)} works on 8-bit images: put it before the mixing op"
+                )
+        if problems:
+            raise KdcacheError(f"{what} {text!r}: " + "; ".join(problems))
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string: every op with the arguments that differ from its
+        defaults (what the cache's identity records)."""
+        return "|".join(op.describe() for op in self.ops)
 
     @property
     def mixes(self) -> bool:
-        return self.mix != "none"
+        return self.mix_index is not None
+
+    @property
+    def mix_index(self) -> int | None:
+        kinds = [getattr(op, "kind", "") for op in self.ops]
+        return kinds.index("mix") if "mix" in kinds else None
+
+    def same_views(self, other: ViewSpec) -> bool:
+        """The same pipeline, whatever either is called."""
+        return self.ops == other.ops
+
+    def resample(self, side: str, convention: str = "bilinear") -> str:
+        """The resize filter of ``side`` ("teacher" or "student"), given the filter its model's
+        input convention names: the interpolation op's choice, else bilinear."""
+        for op in self.ops:
+            if isinstance(op, Interpolation):
+                return op.resample(side, convention)
+        return "bilinear"
+
+    def prefix(self, position: int) -> str:
+        """The array-name prefix of op ``position``'s fields: its name, numbered from the
+        second op of that name (``erase``, ``erase2``)."""
+        name = self.ops[position].name.replace(":", "_").replace(".", "_")
+        before = sum(op.name == self.ops[position].name for op in self.ops[:position])
+        return name if before == 0 else f"{name}{before + 1}"
+
+    def op_fields(self) -> list[tuple[str, int, bool, OpField]]:
+        """Every row array the ops add: (array name, op position, partner's?, field); the
+        partner's copies for the ops before the mixing op."""
+        mix_at = self.mix_index
+        out = []
+        for i, op in enumerate(self.ops):
+            for f in op.fields():
+                out.append((f"{self.prefix(i)}_{f.name}", i, False, f))
+            if mix_at is not None and i < mix_at:
+                for f in op.fields():
+                    out.append((f"partner_{self.prefix(i)}_{f.name}", i, True, f))
+        return out
+
+    def field_owners(self) -> dict[str, str]:
+        """Array name -> the op (``prefix``) whose parameters it holds, for ``inspect``."""
+        owners = {name: self.prefix(i) for name, i, _, _ in self.op_fields()}
+        for i, op in enumerate(self.ops):
+            kind = getattr(op, "kind", "")
+            if kind == "crop":
+                owners.update(box=self.prefix(i), partner_box=self.prefix(i))
+            elif kind == "flip":
+                owners.update(flip=self.prefix(i), partner_flip=self.prefix(i))
+            elif kind == "mix":
+                owners.update(partner=self.prefix(i), lam=self.prefix(i))
+        return owners
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The cache's ``views`` attribute: name, canonical spec and every op's version."""
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "ops": {op.name: getattr(op, "version", 1) for op in self.ops},
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViewSpec:
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> ViewSpec:
+        """A cache's ``views`` attribute -> the pipeline; caches made before view ops store the
+        old spec dict (crop, flip, mix, ...), read as the preset pipeline it describes."""
+        if "spec" in d:
+            spec = cls.parse(d["spec"], name=d.get("name"), what="cache attribute views")
+            versions = {op.name: getattr(op, "version", 1) for op in spec.ops}
+            stored = dict(d.get("ops") or {})
+            if stored and stored != versions:
+                raise KdcacheError(
+                    f"the cache's views were made by op versions {stored}, this kdcache has "
+                    f"{versions}; re-make the cache, or use the kdcache that made it"
+                )
+            return spec
+        return cls(d["name"], _legacy_ops(d))
+
+
+def _legacy_ops(d: Mapping[str, Any]) -> tuple[ViewOp, ...]:
+    """The old ``ViewSpec`` dict (schema 1 and 2 caches before view ops) as its pipeline."""
+    if d.get("crop", "inception") == "center":
+        ops: list[ViewOp] = [CenterCrop(d.get("crop_fraction", 0.875))]
+    else:
+        ops = [
+            InceptionCrop(
+                d.get("min_area", 0.05),
+                d.get("max_area", 1.0),
+                d.get("min_aspect", 3 / 4),
+                d.get("max_aspect", 4 / 3),
+            )
+        ]
+    if d.get("flip", True):
+        ops.append(Flip())
+    if d.get("mix", "none") == "mixup":
+        ops.append(Mixup())
+    elif d.get("mix", "none") != "none":
+        raise KdcacheError(f"unknown mix {d['mix']!r} in the cache's view spec")
+    return tuple(ops)
 
 
 PRESETS: dict[str, ViewSpec] = {
-    "function_matching": ViewSpec("function_matching", mix="mixup"),
-    "consistent": ViewSpec("consistent"),
-    "center": ViewSpec("center", crop="center", flip=False),
+    "function_matching": ViewSpec.parse("inception_crop|flip|mixup", "function_matching"),
+    "consistent": ViewSpec.parse("inception_crop|flip", "consistent"),
+    "center": ViewSpec.parse("center_crop", "center"),
 }
 
 
-def get_spec(name: str) -> ViewSpec:
-    """The preset called ``name``; a :class:`KdcacheError` listing the presets otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KdcacheError(
-            f"unknown view preset {name!r}; choose one of {', '.join(PRESETS)} with --views"
-        ) from None
+def get_spec(text: str) -> ViewSpec:
+    """A preset by name, or a pipeline spec string; a :class:`KdcacheError` otherwise."""
+    if text in PRESETS:
+        return PRESETS[text]
+    if "(" not in text and "|" not in text and text.isidentifier():
+        try:
+            op_class(text, "--views")
+        except KdcacheError:
+            raise KdcacheError(
+                f"unknown view preset or op {text!r}; --views takes a preset "
+                f"({', '.join(PRESETS)}) or a pipeline of ops such as {EXAMPLE!r}"
+            ) from None
+    return ViewSpec.parse(text)
 
 
 @dataclass
@@ -101,6 +243,8 @@ class Views:
     partner: (n,) int64      global index of the mixing partner, -1 when not mixed
     partner_box: (n, 4) uint16, partner_flip: (n,) bool   the partner's own crop and flip
     lam: (n,) float16        weight of the sample's own image (1.0 when not mixed)
+    ops: the other ops' arrays by name (:meth:`ViewSpec.op_fields`), (n, ...) each
+    spec: the pipeline they were drawn by (rendering applies its ops)
     """
 
     seed: np.ndarray
@@ -110,102 +254,30 @@ class Views:
     partner_box: np.ndarray
     partner_flip: np.ndarray
     lam: np.ndarray
+    ops: dict[str, np.ndarray] = field(default_factory=dict)
+    spec: ViewSpec | None = None
 
     def __len__(self) -> int:
         return len(self.seed)
 
     def take(self, rows: np.ndarray | slice) -> Views:
-        return Views(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+        arrays = {name: getattr(self, name)[rows] for name in BASE_FIELDS}
+        return Views(**arrays, ops={k: v[rows] for k, v in self.ops.items()}, spec=self.spec)
+
+    def params(
+        self, row: int, position: int, partner: bool = False, spec: ViewSpec | None = None
+    ) -> dict[str, Any]:
+        """Op ``position``'s parameters for row ``row`` (its own, or its partner's)."""
+        spec = spec or self.spec
+        op = spec.ops[position]
+        kind = getattr(op, "kind", "")
+        if kind == "flip":
+            return {"flip": bool((self.partner_flip if partner else self.flip)[row])}
+        head = ("partner_" if partner else "") + spec.prefix(position) + "_"
+        return {f.name: self.ops[head + f.name][row] for f in op.fields()}
 
 
-# -- counter-based generator ---------------------------------------------------------------
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective avalanche on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _times_gamma(n: int) -> np.uint64:
-    """``n * gamma`` modulo 2**64, computed on Python ints (numpy scalars warn on wrap-around)."""
-    return np.uint64((n * _GAMMA_INT) % 2**64)
-
-
-def view_keys(plan_seed: int, epoch: int, indices: np.ndarray, stream: int = 0) -> np.ndarray:
-    """Generator keys of the views of ``indices`` (N,) int -> (N,) uint64."""
-    head = np.array([(plan_seed + stream * _GAMMA_INT) % 2**64], dtype=np.uint64)
-    head = _mix64(_mix64(head) + _times_gamma(epoch))
-    return _mix64(head + np.asarray(indices, dtype=np.uint64) * _GAMMA)
-
-
-def _uniform(keys: np.ndarray, slot: int) -> np.ndarray:
-    """Draw number ``slot`` of each key: (N,) float64 uniform on [0, 1)."""
-    bits = _mix64(keys + _times_gamma(slot + 1)) >> np.uint64(11)
-    return bits.astype(np.float64) * (1.0 / 2**53)
-
-
-# -- crops --------------------------------------------------------------------------------
-
-
-def _inception_boxes(spec: ViewSpec, keys: np.ndarray, base: int, hw: np.ndarray) -> np.ndarray:
-    """RandomResizedCrop boxes, vectorised: (N,) keys, (N, 2) (h, w) -> (N, 4) int64."""
-    h_img, w_img = hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64)
-    n = len(keys)
-    box_h, box_w = np.zeros(n), np.zeros(n)
-    done = np.zeros(n, dtype=bool)
-    log_lo, log_hi = math.log(spec.min_aspect), math.log(spec.max_aspect)
-    for t in range(_INCEPTION_TRIES):
-        area = (
-            h_img
-            * w_img
-            * (spec.min_area + (spec.max_area - spec.min_area) * _uniform(keys, base + 2 * t))
-        )
-        aspect = np.exp(log_lo + (log_hi - log_lo) * _uniform(keys, base + 2 * t + 1))
-        w = np.round(np.sqrt(area * aspect))
-        h = np.round(np.sqrt(area / aspect))
-        ok = ~done & (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
-        box_h[ok], box_w[ok] = h[ok], w[ok]
-        done |= ok
-    # Fallback, as torchvision: the whole image, aspect clamped into range.
-    ratio = w_img / np.maximum(h_img, 1)
-    fb_w = np.where(
-        ratio < spec.min_aspect,
-        w_img,
-        np.where(ratio > spec.max_aspect, np.round(h_img * spec.max_aspect), w_img),
-    )
-    fb_h = np.where(ratio < spec.min_aspect, np.round(w_img / spec.min_aspect), h_img)
-    box_h = np.where(done, box_h, fb_h)
-    box_w = np.where(done, box_w, fb_w)
-    top = np.floor(_uniform(keys, base + _CROP_POS) * (h_img - box_h + 1))
-    left = np.floor(_uniform(keys, base + _CROP_POS + 1) * (w_img - box_w + 1))
-    return np.stack([top, left, box_h, box_w], axis=1).astype(np.int64)
-
-
-def _center_boxes(spec: ViewSpec, hw: np.ndarray) -> np.ndarray:
-    """A centred square of ``crop_fraction`` x the short side: (N, 2) -> (N, 4) int64."""
-    side = np.maximum(np.round(hw.min(axis=1) * spec.crop_fraction), 1).astype(np.int64)
-    top = (hw[:, 0] - side) // 2
-    left = (hw[:, 1] - side) // 2
-    return np.stack([top, left, side, side], axis=1)
-
-
-def _boxes(spec: ViewSpec, keys: np.ndarray, base: int, hw: np.ndarray) -> np.ndarray:
-    if spec.crop == "center":
-        return _center_boxes(spec, hw)
-    if spec.crop == "inception":
-        return _inception_boxes(spec, keys, base, hw)
-    raise KdcacheError(f"unknown crop {spec.crop!r} in view spec {spec.name!r}")
-
-
-def _flips(spec: ViewSpec, keys: np.ndarray, base: int) -> np.ndarray:
-    if not spec.flip:
-        return np.zeros(len(keys), dtype=bool)
-    return _uniform(keys, base + _FLIP) < 0.5
-
-
-# -- unit views ---------------------------------------------------------------------------
+BASE_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
 
 
 def sample_unit_views(
@@ -220,45 +292,74 @@ def sample_unit_views(
 
     unit_start: global index of the unit's first sample.
     sizes: (n, 2) int (height, width) of each decoded image; (0, 0) marks an unreadable sample,
-        which gets an empty box and is never chosen as a mixing partner.
+        which gets empty parameters and is never chosen as a mixing partner.
     """
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     n = len(sizes)
-    index = unit_start + np.arange(n, dtype=np.int64)
-    keys = view_keys(plan_seed, epoch, index, stream)
+    keys = view_keys(plan_seed, epoch, unit_start + np.arange(n, dtype=np.int64), stream)
     valid = (sizes > 0).all(axis=1)
-    box = np.where(valid[:, None], _boxes(spec, keys, _OWN, np.maximum(sizes, 1)), 0)
+    hw = np.maximum(sizes, 1)
     views = Views(
         seed=(keys & np.uint64(0xFFFF)).astype(np.uint16),
-        box=box.astype(np.uint16),
-        flip=_flips(spec, keys, _OWN) & valid,
+        box=np.zeros((n, 4), dtype=np.uint16),
+        flip=np.zeros(n, dtype=bool),
         partner=np.full(n, -1, dtype=np.int64),
         partner_box=np.zeros((n, 4), dtype=np.uint16),
         partner_flip=np.zeros(n, dtype=bool),
         lam=np.ones(n, dtype=np.float16),
+        ops={
+            name: np.full((n, *f.shape), f.fill, dtype=f.dtype)
+            for name, _, _, f in spec.op_fields()
+        },
+        spec=spec,
     )
-    if spec.mixes and n > 1:
-        _add_partners(spec, views, keys, sizes, valid, unit_start)
+    mix_at = spec.mix_index if n > 1 else None
+    if mix_at is not None:
+        local = pick_partners(keys)
+        mixed = valid & valid[local]
+        lam, extra = spec.ops[mix_at].draw_lam(OpDraws(keys, mix_at, False, hw))
+        views.partner = np.where(mixed, local + unit_start, -1)
+        views.lam = np.where(mixed, lam, np.float16(1.0)).astype(np.float16)
+        _store(views, spec, mix_at, False, extra, mixed)
+    for i, op in enumerate(spec.ops):
+        if getattr(op, "kind", "") in ("mix", "resample"):
+            continue
+        _store(views, spec, i, False, op.sample(OpDraws(keys, i, False, hw)), valid)
+        if mix_at is not None and i < mix_at:
+            drawn = op.sample(OpDraws(keys, i, True, hw[local]))
+            _store(views, spec, i, True, drawn, mixed)
     return views
 
 
-def _add_partners(
-    spec: ViewSpec,
+def _store(
     views: Views,
-    keys: np.ndarray,
-    sizes: np.ndarray,
-    valid: np.ndarray,
-    unit_start: int,
+    spec: ViewSpec,
+    position: int,
+    partner: bool,
+    drawn: Mapping[str, np.ndarray],
+    rows: np.ndarray,
 ) -> None:
-    """Mixup inside the unit: a partner other than the sample itself, drawn uniformly."""
-    n = len(keys)
-    local = np.arange(n)
-    partner = (local + 1 + np.floor(_uniform(keys, _PICK_PARTNER) * (n - 1)).astype(np.int64)) % n
-    mixed = valid & valid[partner]
-    lam = _uniform(keys, _LAM)
-    own_weight = np.maximum(lam, 1.0 - lam).astype(np.float16)
-    partner_box = _boxes(spec, keys, _PARTNER, np.maximum(sizes[partner], 1))
-    views.partner = np.where(mixed, partner + unit_start, -1)
-    views.partner_box = np.where(mixed[:, None], partner_box, 0).astype(np.uint16)
-    views.partner_flip = _flips(spec, keys, _PARTNER) & mixed
-    views.lam = np.where(mixed, own_weight, np.float16(1.0)).astype(np.float16)
+    """Put op ``position``'s draws into the views, on ``rows`` only (the rest keep the fill)."""
+    kind = getattr(spec.ops[position], "kind", "")
+    for key, values in drawn.items():
+        if kind == "crop" and key == "box":
+            name = "partner_box" if partner else "box"
+        elif kind == "flip" and key == "flip":
+            name = "partner_flip" if partner else "flip"
+        else:
+            name = ("partner_" if partner else "") + f"{spec.prefix(position)}_{key}"
+        target = getattr(views, name) if name in BASE_FIELDS else views.ops[name]
+        mask = rows.reshape(-1, *([1] * (target.ndim - 1)))
+        fill = np.zeros((), dtype=target.dtype) if name in BASE_FIELDS else _fill(spec, name)
+        merged = np.where(mask, values, fill).astype(target.dtype)
+        if name in BASE_FIELDS:
+            setattr(views, name, merged)
+        else:
+            views.ops[name] = merged
+
+
+def _fill(spec: ViewSpec, name: str) -> Any:
+    for array, _, _, f in spec.op_fields():
+        if array == name:
+            return np.asarray(f.fill)
+    raise KeyError(name)

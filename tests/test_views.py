@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 
@@ -11,6 +10,7 @@ import pytest
 
 from kdcache.errors import KdcacheError
 from kdcache.views import (
+    BASE_FIELDS,
     INDEPENDENT_STREAM,
     PRESETS,
     STUDENT_STREAM,
@@ -28,7 +28,7 @@ CENTER = PRESETS["center"]
 SIZES = np.array(
     [(20, 28), (33, 24), (40, 40), (17, 31), (26, 26), (36, 22), (24, 30), (8, 9), (300, 400)]
 )
-FIELDS = [f.name for f in dataclasses.fields(Views)]
+FIELDS = list(BASE_FIELDS)
 
 
 def assert_views_equal(a: Views, b: Views) -> None:
@@ -36,6 +36,10 @@ def assert_views_equal(a: Views, b: Views) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype, name
         assert np.array_equal(x, y), name
+    assert a.ops.keys() == b.ops.keys()
+    for name in a.ops:
+        assert a.ops[name].dtype == b.ops[name].dtype, name
+        assert np.array_equal(a.ops[name], b.ops[name]), name
 
 
 def random_sizes(seed: int, n: int) -> np.ndarray:
@@ -169,9 +173,11 @@ def test_inception_area_and_aspect_within_spec():
             # integer rounding of sqrt(area*aspect) and sqrt(area/aspect): +-0.5 px per side
             lo_area = (w - 0.5) * (h - 0.5) / (size[:, 0] * size[:, 1])
             hi_area = (w + 0.5) * (h + 0.5) / (size[:, 0] * size[:, 1])
-            assert (hi_area >= spec.min_area).all() and (lo_area <= spec.max_area).all()
-            assert ((w + 0.5) / (h - 0.5) >= spec.min_aspect).all()
-            assert ((w - 0.5) / (h + 0.5) <= spec.max_aspect).all()
+            assert (hi_area >= spec.ops[0].min_area).all() and (
+                lo_area <= spec.ops[0].max_area
+            ).all()
+            assert ((w + 0.5) / (h - 0.5) >= spec.ops[0].min_aspect).all()
+            assert ((w - 0.5) / (h + 0.5) <= spec.ops[0].max_aspect).all()
             assert area.min() < 0.2 and area.max() > 0.8  # the range is actually used
             assert aspect.min() < 0.85 and aspect.max() > 1.2
 
@@ -186,10 +192,10 @@ def test_inception_boxes_on_small_images_within_rounding():
         hw = sizes[:, 0] * sizes[:, 1]
         in_range = (sizes[:, 1] / sizes[:, 0] >= 3 / 4) & (sizes[:, 1] / sizes[:, 0] <= 4 / 3)
         # area never above the image; lower bound only when a random crop can succeed
-        assert ((w - 0.5) * (h - 0.5) <= spec.max_area * hw).all()
-        assert ((w + 0.5) * (h + 0.5) >= spec.min_area * hw)[in_range].all()
-        assert ((w + 0.5) / (h - 0.5) >= spec.min_aspect - 1e-9).all()
-        assert ((w - 0.5) / (h + 0.5) <= spec.max_aspect + 1e-9).all()
+        assert ((w - 0.5) * (h - 0.5) <= spec.ops[0].max_area * hw).all()
+        assert ((w + 0.5) * (h + 0.5) >= spec.ops[0].min_area * hw)[in_range].all()
+        assert ((w + 0.5) / (h - 0.5) >= spec.ops[0].min_aspect - 1e-9).all()
+        assert ((w - 0.5) / (h + 0.5) <= spec.ops[0].max_aspect + 1e-9).all()
 
 
 def test_center_is_deterministic_without_flips_or_partners():
@@ -200,7 +206,7 @@ def test_center_is_deterministic_without_flips_or_partners():
     assert (a.partner == -1).all()
     assert (a.lam == 1).all()
     assert not a.partner_box.any()
-    side = np.maximum(np.round(SIZES.min(axis=1) * CENTER.crop_fraction), 1)
+    side = np.maximum(np.round(SIZES.min(axis=1) * CENTER.ops[0].fraction), 1)
     assert np.array_equal(a.box[:, 2], side) and np.array_equal(a.box[:, 3], side)
     # centred: the margins on both sides differ by at most one pixel
     top, left = a.box[:, 0].astype(int), a.box[:, 1].astype(int)
@@ -275,4 +281,4 @@ def test_unknown_preset_is_a_kdcache_error():
 def test_spec_round_trips_through_dict():
     for spec in PRESETS.values():
         assert type(spec).from_dict(spec.to_dict()) == spec
-    assert math.isclose(FM.min_area, 0.05) and FM.mixes and not CONSISTENT.mixes
+    assert math.isclose(FM.ops[0].min_area, 0.05) and FM.mixes and not CONSISTENT.mixes

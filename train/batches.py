@@ -81,10 +81,17 @@ class TrainBatches(Dataset):
             ok &= row_status(rows, views.partner, views.box, failed) == schema.OK
         rows, views = rows[ok], views.take(ok)
         partner = np.where(views.partner >= 0, views.partner, rows)
-        raw = render_raw(views, rows, images, s.image_size)
+        student_filter = s.spec.resample("student", s.student_input.interpolation)
+        teacher_filter = s.spec.resample("teacher", s.teacher_input.interpolation)
+        raw = render_raw(views, rows, images, s.image_size, student_filter)
         # The teacher's input is this very render when it sees the student's views at the
-        # student's size; it is normalised the teacher's way too only when that differs.
-        same_render = teacher_views is None and s.teacher_image_size == s.image_size
+        # student's size and filter; it is normalised the teacher's way too only when that
+        # differs.
+        same_render = (
+            teacher_views is None
+            and s.teacher_image_size == s.image_size
+            and teacher_filter == student_filter
+        )
         same_input = s.teacher_input.identity() == s.student_input.identity()
         teacher_raw = raw.copy() if same_render and not same_input else None
         item = {
@@ -104,10 +111,11 @@ class TrainBatches(Dataset):
                 images,
                 s.teacher_image_size or s.image_size,
                 s.teacher_input,
+                teacher_filter,
             )
-        elif s.teacher_image_size and s.teacher_image_size != s.image_size:
+        elif s.teacher_image_size and not same_render:
             item["teacher_pixels"] = render_views(
-                views, rows, images, s.teacher_image_size, s.teacher_input
+                views, rows, images, s.teacher_image_size, s.teacher_input, teacher_filter
             )
         elif s.teacher_image_size:  # the very same render, normalised the teacher's way
             item["teacher_pixels"] = (
@@ -127,7 +135,18 @@ class TrainBatches(Dataset):
         def pick(k: int, name: str) -> np.ndarray:
             return np.stack([getattr(p[k], name)[j] for p, j in zip(parts, local, strict=True)])
 
-        views = Views(**{f: pick(0, f) for f in schema.VIEW_FIELDS})
+        def gather(k: int) -> Views:
+            first = parts[0][k]
+            return Views(
+                **{f: pick(k, f) for f in schema.VIEW_FIELDS},
+                ops={
+                    name: np.stack([p[k].ops[name][j] for p, j in zip(parts, local, strict=True)])
+                    for name in first.ops
+                },
+                spec=first.spec,
+            )
+
+        views = gather(0)
         ok = np.array([p[1][j] for p, j in zip(parts, local, strict=True)], dtype=bool)
         targets = {}
         if parts[0][2]:
@@ -137,7 +156,7 @@ class TrainBatches(Dataset):
             }
         teacher_views = None
         if self.s.teacher_stream is not None:
-            teacher_views = Views(**{f: pick(3, f) for f in schema.VIEW_FIELDS})
+            teacher_views = gather(3)
         return views, ok, targets, teacher_views
 
     def _unit(self, unit: int) -> tuple[Views, np.ndarray, dict, Views | None]:

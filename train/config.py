@@ -24,7 +24,7 @@ from kdcache.options import (
 )
 from kdcache.precompute_config import PrecomputeConfig
 from kdcache.train.modes import MODES, TeacherMode, get_mode
-from kdcache.views import MIN_IMAGE_SIZE, PRESETS
+from kdcache.views import MIN_IMAGE_SIZE, get_spec
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 # Aliases derived from the mode registry (kdcache.train.modes), kept for their importers.
@@ -90,7 +90,7 @@ class TrainConfig:
     views: str | None = option(
         None,
         help=VIEWS_HELP,
-        choices=PRESETS,
+        metavar="SPEC",
         shown="cached: the cache's; fixed, independent: consistent; else function_matching",
         group=VIEWS,
     )
@@ -258,6 +258,11 @@ class TrainConfig:
                 )
         if self.loss is not None:
             problems += _loss_problems(self.loss, self.temperature)
+        if self.views is not None:
+            try:
+                get_spec(self.views)
+            except KdcacheError as e:
+                problems.append(str(e))
         if not _DEVICE.fullmatch(str(self.device)):
             problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for name in ("image_size", "teacher_image_size"):

@@ -211,13 +211,13 @@ def _check_class_count(index: DatasetIndex, val: DatasetIndex, label_classes: in
 def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     """Refuse a cache made from other data or with other views than this run asks for."""
     if cfg.mode.needs_center_cache:
-        if cache.spec.name != "center":
+        if not cache.spec.same_views(get_spec("center")):
             raise CacheMismatchError(
                 f"cache {cache.path} holds {cache.spec.name} views; a fixed teacher's cache "
                 "holds its predictions on center views: make one with `kdcache precompute "
                 "--views center --epochs 1` (or let `kdcache train` make it: name a new --cache)"
             )
-    elif cfg.views is not None and cfg.views != cache.spec.name:
+    elif cfg.views is not None and not get_spec(cfg.views).same_views(cache.spec):
         raise CacheMismatchError(
             f"--views {cfg.views} asked for, but cache {cache.path} holds {cache.spec.name} "
             "views; in cached mode the cache decides: drop --views or use another cache"
@@ -916,6 +916,8 @@ def _resolved_config(cfg: TrainConfig, run: _Run, student_input: InputConvention
 
 def _check_expected(expect: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
     """Refuse a run that resolves differently from the run whose config.json it repeats."""
+    if isinstance(expect.get("view_spec"), dict):  # a run made before view ops: the old dict
+        expect = {**expect, "view_spec": ViewSpec.from_dict(expect["view_spec"]).to_dict()}
     changed = [
         f"{key}: the --config run has {expect[key]!r}, this one {resolved.get(key)!r}"
         for key in expect

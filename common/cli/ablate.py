@@ -131,10 +131,22 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        slug = self.mode.replace(":", "-")
+        slug = _slug(self.mode.replace(":", "-", 1))
         if self.loss is not None:
-            slug += "+" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", self.loss).strip("_")
+            slug += "+" + _slug(self.loss)
         return slug
+
+    @property
+    def patient(self) -> bool:
+        """Whether --patience budgets apply: a mixing pipeline (function matching)."""
+        from kdcache.views import get_spec
+
+        return get_spec(self.preset).mixes
+
+
+def _slug(text: str) -> str:
+    """A directory name for a mode, view spec or loss spec."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")
 
 
 def parse_mode(mode: str) -> tuple[str, str]:
@@ -170,7 +182,7 @@ def grid_cells(cfg: AblateConfig) -> list[Cell]:
 
 
 def _cache_path(cfg: AblateConfig, preset: str) -> str:
-    return os.path.join(cfg.out, "caches", f"{preset}.zarr")
+    return os.path.join(cfg.out, "caches", f"{_slug(preset)}.zarr")
 
 
 def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) -> None:
@@ -183,7 +195,7 @@ def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) ->
     for cell in cells:
         m = get_mode(cell.teacher_mode)
         if m.replays_cache_views:
-            budget = longest if cell.preset == "function_matching" else cfg.epochs
+            budget = longest if cell.patient else cfg.epochs
             need[cell.preset] = max(need.get(cell.preset, 0), budget)
         elif m.needs_center_cache:
             need["center"] = max(need.get("center", 0), 1)
@@ -306,7 +318,7 @@ def _patience(cfg: AblateConfig, cells: list[Cell], fit: Callable) -> dict[str, 
 
     out: dict[str, dict[str, float]] = {}
     for cell in cells:
-        if cell.preset != "function_matching" or not get_mode(cell.teacher_mode).sees_student_views:
+        if not cell.patient or not get_mode(cell.teacher_mode).sees_student_views:
             continue
         out[cell.name] = {}
         for epochs in sorted(set(cfg.patience)):
