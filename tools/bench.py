@@ -18,6 +18,9 @@ rounds keeping each figure's best round, and reports:
   classifier's (goal <= 44 B, TinyViT's row);
 - target_rows_per_s: cache rows read from disk and turned into sparse targets on one core
   (goal >= 1,000,000);
+- view ops: render time per image of the default preset and with randaugment(2, 9), with
+  erase(p=0.25) and with both (arms alternating batch by batch), and bytes per row of that
+  full pipeline beside function matching's;
 - peak_rss_mb of each stage.
 
 Absolute seconds depend on the machine and on what else runs on it; compare the ratios.
@@ -369,19 +372,28 @@ def stage_rows(c: dict) -> dict:
         "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
         "size": sizes,
     }
-    cache = create_cache(c["rows_cache"], meta, samples, epochs=1)
-    for u in range(units):
-        lo = u * per_unit
-        views = sample_unit_views(
-            get_spec("function_matching"), 0, 0, lo, sizes[lo : lo + per_unit]
-        )
-        top = {
-            k_: v.numpy()
-            for k_, v in topk_rows(torch.from_numpy(peaked_logits(rng, per_unit)), k).items()
-        }
-        rows = {f: getattr(views, f) for f in schema.VIEW_FIELDS}
-        rows.update(top, status=np.full(per_unit, schema.OK, np.uint8))
-        cache.write_unit(0, u, rows)
+
+    def write(path: str, spec_text: str) -> dict:
+        """A one-epoch cache of these rows under ``spec_text``'s views -> its inspect report."""
+        spec = get_spec(spec_text)
+        cache = create_cache(path, {**meta, "views": spec.to_dict()}, samples, epochs=1)
+        top_rng = np.random.default_rng(2)  # the same logits whatever the views
+        for u in range(units):
+            lo = u * per_unit
+            views = sample_unit_views(spec, 0, 0, lo, sizes[lo : lo + per_unit])
+            top = {
+                k_: v.numpy()
+                for k_, v in topk_rows(
+                    torch.from_numpy(peaked_logits(top_rng, per_unit)), k
+                ).items()
+            }
+            rows = {f: getattr(views, f) for f in schema.VIEW_FIELDS}
+            rows.update(views.ops, **top, status=np.full(per_unit, schema.OK, np.uint8))
+            cache.write_unit(0, u, rows)
+        return summary(open_cache(path))
+
+    full = write(c["rows_cache"].replace(".zarr", "-ops.zarr"), VIEW_OPS_PIPELINE)
+    write(c["rows_cache"], "function_matching")
     bytes_per_row = summary(open_cache(c["rows_cache"]))["bytes_per_row"]
     reader = open_cache(c["rows_cache"])
     t = time.perf_counter()
@@ -396,12 +408,67 @@ def stage_rows(c: dict) -> dict:
         assert target.logp.shape == (per_unit, k)
     return {
         "bytes_per_row": bytes_per_row,
+        "bytes_per_row_view_ops_pipeline": full["bytes_per_row"],
+        "bytes_per_row_by_op_view_ops_pipeline": full["bytes_per_row_by_op"],
         "target_rows_per_s": n / (time.perf_counter() - t),
         "rows_measured": n,
     }
 
 
+# The pipeline issue 13 names: what the view ops add per image (render time, bytes per row).
+VIEW_OPS_PIPELINE = "inception_crop(min_area=0.08)|flip|randaugment(2, 9)|mixup|erase(p=0.25)"
+VIEW_OPS_ARMS = {
+    "preset": "function_matching",
+    "randaugment": "inception_crop|flip|randaugment(2, 9)|mixup",
+    "erase": "inception_crop|flip|mixup|erase(p=0.25)",
+    "pipeline": VIEW_OPS_PIPELINE,
+}
+
+
+def stage_view_ops(c: dict) -> dict:
+    """Render time per image of the default preset and of it plus each op (one core, decoded
+    images, the student's size), the arms alternating batch by batch so drift cannot tilt
+    them; an op's cost is its arm's time minus the preset's."""
+    import torch
+
+    from kdcache.data.index import load_index
+    from kdcache.render import render_raw
+    from kdcache.units import UnitReader
+    from kdcache.views import get_spec, sample_unit_views
+
+    torch.set_num_threads(1)
+    index = load_index(c["data"])
+    unit = index.units[0]
+    rows = np.arange(unit.start, unit.start + unit.count)
+    images, failed = UnitReader(index, capacity=2).decode(rows.tolist())
+    assert not failed
+    sizes = index.size[unit.start : unit.start + unit.count]
+    views = {
+        arm: sample_unit_views(get_spec(text), 0, 0, unit.start, sizes)
+        for arm, text in VIEW_OPS_ARMS.items()
+    }
+    times: dict[str, list[float]] = {arm: [] for arm in VIEW_OPS_ARMS}
+    batch = c["batch_size"]
+    arms = list(views)
+    for r in range(c["repeats"]):
+        for b, lo in enumerate(range(0, len(rows) - batch + 1, batch)):
+            turn = (r + b) % len(arms)  # each arm goes first as often as the others
+            for arm in arms[turn:] + arms[:turn]:
+                v = views[arm]
+                t = time.perf_counter()
+                render_raw(
+                    v.take(slice(lo, lo + batch)), rows[lo : lo + batch], images, c["image_size"]
+                )
+                times[arm].append((time.perf_counter() - t) / batch * 1e3)
+    median = {arm: float(np.median(t)) for arm, t in times.items()}
+    out = {f"render_{arm}_ms_per_image": m for arm, m in median.items()}
+    out["randaugment_cost_ms_per_image"] = median["randaugment"] - median["preset"]
+    out["erase_cost_ms_per_image"] = median["erase"] - median["preset"]
+    return out
+
+
 STAGES = {
+    "view_ops": stage_view_ops,
     "models": stage_models,
     "decode": stage_decode,
     "precompute": stage_precompute,
@@ -485,7 +552,7 @@ def main() -> None:
     c["data"] = make_shards(os.path.join(work, "data"), c["samples"])
     c["val"] = make_shards(os.path.join(work, "val"), 64, per_shard=64)
     result: dict[str, Any] = {}
-    for name in ("decode", "rows"):
+    for name in ("decode", "rows", "view_ops"):
         log(f"bench: {name}")
         result.update(run_stage(name, c))
     # The timed stages run in rounds, interleaved, and each figure keeps its best round: noise
