@@ -158,15 +158,21 @@ def render_raw(
     mix_at = kinds.index("mix") if "mix" in kinds else len(ops)
     before = [i for i in range(mix_at) if kinds[i] not in ("crop", "resample")]
     after = [i for i in range(mix_at + 1, len(ops)) if kinds[i] != "resample"]
+    # A flip right after the crop is done by the crop's own call, as it always was.
+    flip_first = bool(before) and kinds[before[0]] == "flip"
+    if flip_first:
+        before = before[1:]
     own = np.empty((n, size, size, 3), dtype=np.uint8)
     other = np.zeros((n, size, size, 3), dtype=np.uint8)
     for b, i in enumerate(rows):
-        image = crop_resize(images[int(i)], views.box[b], False, size, resample)
-        own[b] = _pipeline(image, spec, views, b, before)
+        flip = flip_first and bool(views.flip[b])
+        image = crop_resize(images[int(i)], views.box[b], flip, size, resample)
+        own[b] = _pipeline(image, spec, views, b, before) if before else image
         partner = int(views.partner[b])
         if partner >= 0:
-            image = crop_resize(images[partner], views.partner_box[b], False, size, resample)
-            other[b] = _pipeline(image, spec, views, b, before, partner=True)
+            flip = flip_first and bool(views.partner_flip[b])
+            image = crop_resize(images[partner], views.partner_box[b], flip, size, resample)
+            other[b] = _pipeline(image, spec, views, b, before, partner=True) if before else image
     # numpy, single-threaded: these small element-wise ops are slower under torch's thread
     # pool on a busy CPU, and IEEE float32 arithmetic gives the same bytes either way.
     x = own.astype(np.float32)

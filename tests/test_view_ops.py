@@ -400,3 +400,14 @@ def test_a_user_op_is_one_class(tmp_path, monkeypatch):
                           np.arange(50), images, 8)  # fmt: skip
     assert torch.equal(x[~torch.from_numpy(on)], bright[~torch.from_numpy(on)])
     assert not torch.equal(x[torch.from_numpy(on)], bright[torch.from_numpy(on)])
+
+
+def test_a_pipeline_cache_does_not_depend_on_workers_or_batch_size(full_cache, tmp_path, train_dir):
+    """The same spec, other workers and batch size: every row array, the ops' included, is the
+    same (the views are a function of where a sample sits, not of how the work was cut)."""
+    other = str(tmp_path / "other.zarr")
+    precompute(cache_config(train_dir, other, views=FULL, workers=1, batch_size=5))
+    a, b = open_cache(full_cache), open_cache(other)
+    assert a.row_names == b.row_names
+    for name in a.row_names:
+        assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
