@@ -411,3 +411,38 @@ def test_a_pipeline_cache_does_not_depend_on_workers_or_batch_size(full_cache, t
     assert a.row_names == b.row_names
     for name in a.row_names:
         assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "center_crop(0.6)|flip(p=1.0)",
+        "inception_crop|mixup(alpha=0.4)",
+        "inception_crop|cutmix(alpha=0.5)",
+        "inception_crop|flip|mix(switch=0.5)",
+        "inception_crop|randaugment(3, 9, mstd=1.0)",
+        "inception_crop|color_jitter(0.4, 0.4, 0.4, 0.1)",
+        "inception_crop|erase(p=1.0)",
+        "inception_crop|erase(p=1.0, mode=pixel)|flip",
+        "inception_crop|interpolation(teacher=bicubic, student=bicubic)",
+    ],
+)
+def test_each_op_replays_exactly(spec, tmp_path, train_dir):
+    """Per op: the student's pixels replayed from the cache, at the teacher's size and filter,
+    give the teacher's stored top-k when the teacher is run on them again."""
+    out = str(tmp_path / "op.zarr")
+    precompute(cache_config(train_dir, out, views=spec, epochs=1))
+    cache, index = open_cache(out), load_index(train_dir)
+    teacher = create_model(TEACHER, NUM_CLASSES, seed=0).eval()
+    batches = rank_batches(epoch_order(index.counts, 0, 0, 2), 8)
+    data = EpochData(index, batches, 0, TEACHER_SIZE, cache.spec, 0, cache=cache, cache_epoch=0)
+    dataset = TrainBatches(data)
+    for b in range(len(dataset)):
+        item = dataset[b]
+        with torch.no_grad():
+            logits = teacher(item["pixels"]).float()
+        fresh = topk_rows(logits, cache.topk)
+        assert torch.equal(fresh["topk_index"].to(item["topk_index"].dtype), item["topk_index"])
+        stored = item["topk_logits"].float()
+        ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
+        assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
