@@ -231,6 +231,9 @@ def _precompute(
         std=cfg.teacher_std,
     )
     warn_random_teacher(cfg.teacher, cfg.teacher_weights)
+    # An interpolation op that leaves the teacher's filter to its convention is resolved here,
+    # so the cache's view spec (its identity) names the filter its bytes were made with.
+    spec = spec.with_teacher_filter(teacher.convention.interpolation)
     num_classes = teacher.num_classes
     k = cfg.topk or min(10, num_classes)
     if k > num_classes:

@@ -131,6 +131,20 @@ class ViewSpec:
                 return op.resample(side, convention)
         return "bilinear"
 
+    def with_teacher_filter(self, convention: str) -> ViewSpec:
+        """This pipeline with an interpolation op's unset teacher filter set to what the
+        teacher's convention names (``convention``); unchanged without one."""
+        ops = tuple(
+            dataclasses.replace(op, teacher=op.resample("teacher", convention))
+            if isinstance(op, Interpolation) and op.teacher is None
+            else op
+            for op in self.ops
+        )
+        if ops == self.ops:
+            return self
+        spec = ViewSpec("", ops)
+        return dataclasses.replace(spec, name=spec.spec if self.name == self.spec else self.name)
+
     def prefix(self, position: int) -> str:
         """The array-name prefix of op ``position``'s fields: its name, numbered from the
         second op of that name (``erase``, ``erase2``)."""

@@ -446,3 +446,13 @@ def test_each_op_replays_exactly(spec, tmp_path, train_dir):
         stored = item["topk_logits"].float()
         ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
         assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
+
+
+def test_an_unset_teacher_filter_is_resolved_into_the_caches_spec(tmp_path, train_dir):
+    """interpolation() leaves each side to its model's convention: the cache records the
+    teacher's resolved filter, so its identity names the filter its bytes were made with."""
+    out = str(tmp_path / "interp.zarr")
+    precompute(cache_config(train_dir, out, views="inception_crop|interpolation", epochs=1))
+    spec = open_cache(out).spec
+    assert spec.spec == "inception_crop|interpolation(teacher='bilinear')"  # tiny_cnn's
+    assert spec.resample("student", "bicubic") == "bicubic"  # the student's stays its own
