@@ -11,9 +11,17 @@ import numpy as np
 
 from kdcache import schema
 from kdcache.data.index import DatasetIndex
+from kdcache.draws import uniform
 from kdcache.errors import CacheDamagedError, CacheMismatchError
 from kdcache.store import Cache
-from kdcache.views import STUDENT_STREAM, Views, ViewSpec, sample_unit_views, view_keys
+from kdcache.views import (
+    REUSE_STREAM,
+    STUDENT_STREAM,
+    Views,
+    ViewSpec,
+    sample_unit_views,
+    view_keys,
+)
 
 TARGET_FIELDS = ("topk_logits", "topk_index", "lse")
 
@@ -52,6 +60,39 @@ def cached_unit_views(
     views.partner = views.partner.astype(np.int64)
     targets = {name: rows[name] for name in TARGET_FIELDS}
     return views, rows["status"] == schema.OK, targets
+
+
+def sampled_cache_epochs(
+    plan_seed: int, epoch: int, indices: np.ndarray, epochs: tuple[int, ...]
+) -> np.ndarray:
+    """``--reuse sample``: the cache epoch each of ``indices`` (N,) replays in student epoch
+    ``epoch``, one of ``epochs`` drawn uniformly from (plan seed, epoch, sample) -> (N,) int64."""
+    keys = view_keys(plan_seed, epoch, np.asarray(indices, dtype=np.int64), REUSE_STREAM)
+    pick = np.minimum((uniform(keys, 0) * len(epochs)).astype(np.int64), len(epochs) - 1)
+    return np.asarray(epochs, dtype=np.int64)[pick]
+
+
+def sampled_unit_views(
+    cache: Cache, index: DatasetIndex, unit: int, epoch: int, epochs: tuple[int, ...]
+) -> tuple[Views, np.ndarray, dict[str, np.ndarray]]:
+    """:func:`cached_unit_views` of a unit whose samples each replay the cache epoch
+    :func:`sampled_cache_epochs` draws for them (one read per cache epoch used)."""
+    u = index.units[unit]
+    chosen = sampled_cache_epochs(cache.plan_seed, epoch, u.start + np.arange(u.count), epochs)
+    parts = {int(e): cached_unit_views(cache, index, unit, int(e)) for e in np.unique(chosen)}
+    first = next(iter(parts.values()))
+    views = first[0].take(np.arange(u.count))  # copies, filled in below epoch by epoch
+    ok, targets = first[1].copy(), {k: v.copy() for k, v in first[2].items()}
+    for e, (v, usable, rows) in parts.items():
+        mine = chosen == e
+        for name in ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam"):
+            getattr(views, name)[mine] = getattr(v, name)[mine]
+        for name, values in v.ops.items():
+            views.ops[name][mine] = values[mine]
+        ok[mine] = usable[mine]
+        for name, values in rows.items():
+            targets[name][mine] = values[mine]
+    return views, ok, targets
 
 
 def check_unit(

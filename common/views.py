@@ -47,6 +47,7 @@ __all__ = ["PRESETS", "ViewSpec", "Views", "get_spec", "sample_unit_views", "vie
 # `independent` mode gives the teacher.
 STUDENT_STREAM = 0
 INDEPENDENT_STREAM = 1
+REUSE_STREAM = 2  # ``--reuse sample``: which cached epoch a sample replays (kdcache.replay)
 MIN_IMAGE_SIZE = 8  # px: the smallest side views render to (the built-in nets need 8)
 EXAMPLE = "inception_crop(min_area=0.08)|flip|randaugment(2, 9)|mixup|erase(p=0.25)"
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from kdcache import schema
 from kdcache.data.index import DatasetIndex
 from kdcache.render import IMAGENET, InputConvention, normalize, render_raw, render_views
-from kdcache.replay import TARGET_FIELDS, cached_unit_views, fresh_unit_views
+from kdcache.replay import TARGET_FIELDS, cached_unit_views, fresh_unit_views, sampled_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images, row_status
 from kdcache.views import Views, ViewSpec
@@ -42,6 +42,7 @@ class EpochData:
     plan_seed: int
     cache: Cache | None = None  # cached mode: views and targets from here
     cache_epoch: int = 0
+    reuse_epochs: tuple[int, ...] = ()  # --reuse sample: each sample replays one of these
     teacher_image_size: int | None = None  # online: also render the teacher's input
     target_cache: Cache | None = None  # fixed mode: targets of each sample from its epoch 0
     teacher_stream: int | None = None  # independent mode: the teacher's own views
@@ -163,7 +164,11 @@ class TrainBatches(Dataset):
         """(student views, usable mask, cached targets, teacher's own views) of one unit."""
         if unit not in self._units:
             s = self.s
-            if s.cache is not None:
+            if s.cache is not None and s.reuse_epochs:
+                views, ok, targets = sampled_unit_views(
+                    s.cache, s.index, unit, s.epoch, s.reuse_epochs
+                )
+            elif s.cache is not None:
                 views, ok, targets = cached_unit_views(s.cache, s.index, unit, s.cache_epoch)
             else:
                 views, ok = fresh_unit_views(s.index, unit, s.spec, s.plan_seed, s.epoch)

@@ -124,6 +124,22 @@ class TrainConfig:
         shown="kl(t=--temperature), ce() with --teacher-mode none",
         group=OPTIM,
     )
+    reuse: str = option(
+        "cycle",
+        help="cached mode, a student longer than its cache: cycle (student epoch e replays "
+        "cache epoch e mod E) or sample (each sample, in each student epoch, replays one of "
+        "the E cached epochs, drawn from the plan seed, the epoch and the sample, as ml-dr "
+        "draws its reinforcements); both replay exactly what the teacher saw",
+        choices=("cycle", "sample"),
+        group=VIEWS,
+    )
+    eval_every: int = option(
+        1,
+        help="evaluate on --val every N epochs, and after the last; best.pt is the best "
+        "evaluated epoch's model",
+        metavar="N",
+        group=RUN,
+    )
     window: int = 4  # units shuffled together inside an epoch
     workers: int = option(2, help=WORKERS_HELP, group=OPTIM)
     device: str = option("auto", help=DEVICE_HELP, group=OPTIM)
@@ -235,6 +251,7 @@ class TrainConfig:
                 ("workers", self.workers, 0),
                 ("num_classes", self.num_classes, 2),
                 ("window", self.window, 1),
+                ("eval_every", self.eval_every, 1),
                 ("max_image_pixels", self.max_image_pixels, 1),
                 ("seed", self.seed, 0),
                 ("plan_seed", self.plan_seed, 0),
@@ -258,6 +275,8 @@ class TrainConfig:
                 )
         if self.loss is not None:
             problems += _loss_problems(self.loss, self.temperature)
+        if self.reuse not in ("cycle", "sample"):
+            problems.append(f"--reuse must be cycle or sample, got {self.reuse!r}")
         if self.views is not None:
             try:
                 get_spec(self.views)

@@ -102,10 +102,11 @@ def _resolve(cfg: TrainConfig) -> _Run:
         num_classes, teacher_size = cache.num_classes, int(cache.meta["teacher_image_size"])
     if mode.replays_cache_views:
         spec, plan_seed = cache.spec, cache.plan_seed
-        if cfg.epochs > len(cache_epochs):
+        if cfg.epochs > len(cache_epochs) and cfg.reuse == "cycle":
             log.warning(
                 "the cache holds %d complete epochs and the run has %d: cached epochs "
-                "are cycled (student epoch e replays cache epoch e mod %d)",
+                "are cycled (student epoch e replays cache epoch e mod %d; --reuse sample "
+                "draws one per sample and epoch instead)",
                 len(cache_epochs),
                 cfg.epochs,
                 len(cache_epochs),
@@ -315,6 +316,7 @@ RUN_OPTIONS = (
     "teacher_std",
     "label_map",
     "max_image_pixels",
+    "reuse",
 )
 
 
@@ -502,22 +504,26 @@ def _fit(
         epoch_started = time.perf_counter()
         epoch = pos.epoch
         metrics = _train_epoch(cfg, run, learner, pos, on_step, save)
-        scores = evaluate(
-            bare,
-            run.val,
-            run.image_size,
-            device,
-            cfg.workers,
-            run.teacher.module if run.teacher else None,
-            run.teacher_image_size,
-            ranks,
-            student_input=student_input,
-            teacher_input=run.teacher_input,
-            basis=run.accuracy_basis,
-            label_map=run.label_map,
-        )
-        metrics["val_accuracy"] = scores.pop("accuracy")
-        metrics.update(scores)
+        # Every --eval-every epochs and after the last (the same on every rank: evaluate is
+        # collective under torchrun); the other epochs record no val figures.
+        metrics["val_accuracy"] = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            scores = evaluate(
+                bare,
+                run.val,
+                run.image_size,
+                device,
+                cfg.workers,
+                run.teacher.module if run.teacher else None,
+                run.teacher_image_size,
+                ranks,
+                student_input=student_input,
+                teacher_input=run.teacher_input,
+                basis=run.accuracy_basis,
+                label_map=run.label_map,
+            )
+            metrics["val_accuracy"] = scores.pop("accuracy")
+            metrics.update(scores)
         metrics = {"epoch": epoch + 1, **metrics}
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started  # train + eval
         pos = _Position(epoch + 1)
@@ -593,6 +599,13 @@ class _Saver:
         )
         self.losses: list[tuple[int, int, torch.Tensor]] = []
         self.scalars = _Scalars(cfg.out)
+        # The best evaluated epoch so far, by the headline metric (metrics.jsonl is already cut
+        # back to the checkpoint when resuming).
+        history = (
+            read_metrics(cfg.out) if os.path.exists(os.path.join(cfg.out, "metrics.jsonl")) else []
+        )
+        scored = [h for h in map(headline, history) if h is not None]
+        self.best: float | None = max((value for _, value in scored), default=None)
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
         self.losses.append((epoch, step, loss.detach()))
@@ -644,6 +657,12 @@ class _Saver:
             if metrics["epoch"] >= self.cfg.epochs:
                 self.scalars.close()
             _save_atomic(self.model.state_dict(), os.path.join(self.cfg.out, "model.pt"))
+            head = headline(metrics)
+            if head is not None and (self.best is None or head[1] > self.best):
+                self.best = head[1]
+                _save_atomic(self.model.state_dict(), os.path.join(self.cfg.out, "best.pt"))
+                best = {"epoch": metrics["epoch"], "metric": head[0], "value": head[1]}
+                _write_json(best, os.path.join(self.cfg.out, "best.json"))
         self.checkpoint(pos)  # the commit: a kill before it redoes the epoch
 
 
@@ -701,6 +720,7 @@ def _train_epoch(
     batches = rank_batches(order, cfg.batch_size, ranks.world, ranks.rank)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
     mode = run.mode
+    sampled = cfg.reuse == "sample" and mode.replays_cache_views
     epoch_data = EpochData(
         run.index,
         batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
@@ -710,6 +730,7 @@ def _train_epoch(
         run.plan_seed,
         cache=run.cache if mode.replays_cache_views else None,
         cache_epoch=cache_epoch,
+        reuse_epochs=tuple(run.cache_epochs) if sampled else (),
         teacher_image_size=run.teacher_image_size if mode.runs_teacher else None,
         target_cache=run.cache if mode.needs_center_cache else None,
         teacher_stream=mode.teacher_stream,
@@ -788,7 +809,7 @@ def _train_epoch(
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
         "skipped_rows": int(skipped),
-        "cache_epoch": cache_epoch if run.cache is not None else None,
+        "cache_epoch": cache_epoch if run.cache is not None and not sampled else None,
         "lr": schedule.get_last_lr()[0],
     }
 
@@ -875,6 +896,17 @@ def _cut_logs(out: str, pos: _Position) -> None:
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, path)
+
+
+def headline(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
+    """An epoch's headline figure, which ``best.pt`` is chosen by: val accuracy, or the teacher
+    agreement when accuracy cannot be scored (labels that are not the teacher's classes); None
+    for an epoch that was not evaluated (``--eval-every``)."""
+    for name in ("val_accuracy", "teacher_agreement"):
+        value = metrics.get(name)
+        if value is not None and value == value:
+            return name, float(value)
+    return None
 
 
 def read_metrics(out: str) -> list[dict[str, Any]]:
