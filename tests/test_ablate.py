@@ -136,7 +136,7 @@ def test_grid_modes_train_what_they_say(grid):
 def test_grid_patience(grid):
     cfg, results = grid
     patience = results["patience"]
-    assert set(patience) == set(FM_MODES)
+    assert set(patience) == set(DEFAULT_MODES)  # every mode gets the budgets
     for mode in FM_MODES:
         assert set(patience[mode]) == {"1", "2"}, mode
         for value in patience[mode].values():
@@ -156,7 +156,7 @@ def test_grid_patience(grid):
 def test_second_call_reuses_caches_and_runs(grid, monkeypatch):
     cfg, first = grid
     lines = metrics_lines(cfg.out)
-    assert len(lines) == 7 * 2 + 2 * 2  # the grid and the 2-epoch patience runs
+    assert len(lines) == 7 * 2 + 7 * 2  # the grid and the 2-epoch patience runs
     caches = tree_state(os.path.join(cfg.out, "caches"))
 
     def no_training(*args, **kwargs):

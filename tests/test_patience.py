@@ -100,3 +100,49 @@ def test_eval_every_and_best_pt(tmp_path, train_dir, val_dir):
     assert weights.keys() == model.keys()
     if best["epoch"] == 5:
         assert all(torch.equal(weights[k], model[k]) for k in weights)
+
+
+def test_ablate_cache_budgets_and_committed_run_summaries(tmp_path, train_dir, val_dir):
+    """--cache-sizes trains the cached modes at the longest budget on the first N cache epochs;
+    --results keeps one summary per run, and a new machine (no run directories) with the same
+    summaries trains nothing again."""
+    import shutil
+
+    from conftest import TEACHER
+
+    from kdcache.cli.ablate import AblateConfig, ablate
+    from kdcache.train import TrainConfig
+
+    train = TrainConfig(
+        data=train_dir, val=val_dir, student="kdcache:tiny_cnn", out=str(tmp_path / "grid"),
+        epochs=1, teacher=TEACHER, image_size=TEACHER_SIZE, batch_size=8, workers=0,
+        device="cpu", reuse="sample",
+    )  # fmt: skip
+    cfg = AblateConfig(
+        train=train, modes=("none", "cached:consistent"), patience=(2,), cache_sizes=(1,),
+        results=str(tmp_path / "results"),
+    )  # fmt: skip
+    first = ablate(cfg)
+    assert set(first["cache_budget"]) == {"cached:consistent"}  # the cached modes only
+    assert set(first["patience"]) == {"none", "cached:consistent"}
+    with open(tmp_path / "grid/runs/cached-consistent-e2-c1/seed0/config.json") as f:
+        run = json.load(f)
+    assert run["cache_limit"] == 1 and run["cache_epochs"] == 1 and run["reuse"] == "sample"
+    summaries = sorted(
+        p.relative_to(tmp_path / "results") for p in (tmp_path / "results").rglob("*.json")
+    )
+    assert {str(p) for p in summaries} == {
+        "cached-consistent-e2-c1/seed0.json", "cached-consistent-e2/seed0.json",
+        "cached-consistent/seed0.json", "none-e2/seed0.json", "none/seed0.json",
+    }  # fmt: skip
+    shutil.rmtree(tmp_path / "grid" / "runs")  # a new machine: no run directories
+
+    def no_training(run):
+        raise AssertionError(f"trained {run.out} again")
+
+    second = ablate(cfg, fit=no_training)
+    assert second["patience"] == first["patience"]
+    assert second["cache_budget"] == first["cache_budget"]
+    other = dataclasses.replace(cfg, train=dataclasses.replace(train, lr=0.5))
+    with pytest.raises(Exception, match="was made with other options .*lr: 0.001 there, 0.5 now"):
+        ablate(other, fit=no_training)

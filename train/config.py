@@ -133,6 +133,15 @@ class TrainConfig:
         choices=("cycle", "sample"),
         group=VIEWS,
     )
+    cache_limit: int | None = option(
+        None,
+        help="cached mode: replay only the first N complete epochs of the --cache (a cache of "
+        "N epochs: its epochs do not depend on how many there are)",
+        flags=("--cache-epochs",),
+        metavar="N",
+        shown="all of them",
+        group=VIEWS,
+    )
     eval_every: int = option(
         1,
         help="evaluate on --val every N epochs, and after the last; best.pt is the best "
@@ -252,6 +261,7 @@ class TrainConfig:
                 ("num_classes", self.num_classes, 2),
                 ("window", self.window, 1),
                 ("eval_every", self.eval_every, 1),
+                ("cache_epochs", self.cache_limit, 1),
                 ("max_image_pixels", self.max_image_pixels, 1),
                 ("seed", self.seed, 0),
                 ("plan_seed", self.plan_seed, 0),

@@ -94,6 +94,14 @@ def _resolve(cfg: TrainConfig) -> _Run:
                 f"cache {cfg.cache} has no epoch complete over the {needed} shards this run "
                 "reads; finish it with `kdcache precompute` (the same command, without --smoke)"
             )
+        if cfg.cache_limit is not None and mode.replays_cache_views:
+            if cfg.cache_limit > len(cache_epochs):
+                raise KdcacheError(
+                    f"--cache-epochs {cfg.cache_limit}: cache {cfg.cache} has only "
+                    f"{len(cache_epochs)} complete epochs; extend it with `kdcache precompute "
+                    f"--epochs {cfg.cache_limit}` or ask for fewer"
+                )
+            cache_epochs = cache_epochs[: cfg.cache_limit]
         if cfg.num_classes and cfg.num_classes != cache.num_classes:
             raise KdcacheError(
                 f"--num-classes {cfg.num_classes} differs from the cache's {cache.num_classes} "
@@ -317,6 +325,7 @@ RUN_OPTIONS = (
     "label_map",
     "max_image_pixels",
     "reuse",
+    "cache_limit",
 )
 
 

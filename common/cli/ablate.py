@@ -95,10 +95,25 @@ class AblateConfig:
     )
     patience: tuple[int, ...] = option(
         (),
-        help="budgets (epochs, comma-separated) for the function-matching modes: the paper's "
+        help="budgets (epochs, comma-separated) every mode is also trained for: the paper's "
         "patience curve",
         metavar="EPOCHS",
         repeat=True,
+    )
+    cache_sizes: tuple[int, ...] = option(
+        (),
+        help="cache budgets (epochs, comma-separated): the cached modes are also trained at "
+        "the longest budget on only the first N epochs of their cache (with the run's --reuse): "
+        "how many epochs must a cache hold?",
+        flags=("--cache-sizes",),
+        metavar="EPOCHS",
+        repeat=True,
+    )
+    results: str | None = option(
+        None,
+        help="a directory of run summaries (small JSON, one per run, meant to be committed): a "
+        "run whose summary is there is not trained again, and each finished run writes one",
+        metavar="DIR",
     )
 
     @property
@@ -135,13 +150,6 @@ class Cell:
         if self.loss is not None:
             slug += "+" + _slug(self.loss)
         return slug
-
-    @property
-    def patient(self) -> bool:
-        """Whether --patience budgets apply: a mixing pipeline (function matching)."""
-        from kdcache.views import get_spec
-
-        return get_spec(self.preset).mixes
 
 
 def _slug(text: str) -> str:
@@ -195,7 +203,10 @@ def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) ->
     for cell in cells:
         m = get_mode(cell.teacher_mode)
         if m.replays_cache_views:
-            budget = longest if cell.patient else cfg.epochs
+            # As many epochs as the longest budget (a longer student cycles or samples them),
+            # capped by an explicit --cache-epochs of the runs.
+            budget = min(longest, cfg.train.cache_limit or longest)
+            budget = max(budget, *cfg.cache_sizes) if cfg.cache_sizes else budget
             need[cell.preset] = max(need.get(cell.preset, 0), budget)
         elif m.needs_center_cache:
             need["center"] = max(need.get("center", 0), 1)
@@ -210,11 +221,15 @@ def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) ->
                 precompute(pre, progress=update)
 
 
-def _cell_config(cfg: AblateConfig, cell: Cell, seed: int, epochs: int) -> TrainConfig:
-    """The run of one cell, seed and budget, in ``OUT/runs/SLUG[-eEPOCHS]/seedSEED``."""
+def _cell_config(
+    cfg: AblateConfig, cell: Cell, seed: int, epochs: int, cache_size: int | None = None
+) -> TrainConfig:
+    """The run of one cell, seed and budget (and cache budget), in
+    ``OUT/runs/SLUG[-eEPOCHS][-cCACHE]/seedSEED``."""
     from kdcache.train.modes import get_mode
 
     slug = cell.slug if epochs == cfg.epochs else f"{cell.slug}-e{epochs}"
+    slug += f"-c{cache_size}" if cache_size is not None else ""
     m = get_mode(cell.teacher_mode)
     cache = _cache_path(cfg, "center" if m.needs_center_cache else cell.preset)
     return replace(
@@ -228,19 +243,94 @@ def _cell_config(cfg: AblateConfig, cell: Cell, seed: int, epochs: int) -> Train
         seed=seed,
         resume=True,
         extend=False,
+        cache_limit=cache_size if cache_size is not None else cfg.train.cache_limit,
     )
 
 
-def _train(cfg: AblateConfig, cell: Cell, seed: int, epochs: int, fit: Callable) -> dict[str, Any]:
+def _train(
+    cfg: AblateConfig,
+    cell: Cell,
+    seed: int,
+    epochs: int,
+    fit: Callable,
+    cache_size: int | None = None,
+) -> dict[str, Any]:
     from kdcache.train.trainer import read_metrics
 
-    run = _cell_config(cfg, cell, seed, epochs)
+    run = _cell_config(cfg, cell, seed, epochs, cache_size)
+    summary_path = None
+    if cfg.results:
+        where = os.path.relpath(os.path.dirname(run.out), os.path.join(cfg.out, "runs"))
+        summary_path = os.path.join(cfg.results, where, f"seed{seed}.json")
+        done = _read_summary(summary_path, run)
+        if done is not None:
+            log.info(
+                "ablate: %s seed %d, %d epochs: summary in %s",
+                cell.name,
+                seed,
+                epochs,
+                summary_path,
+            )
+            return done
     log.info("ablate: %s seed %d, %d epochs -> %s", cell.name, seed, epochs, run.out)
     fit(run)
     history = read_metrics(run.out)
     # From the run's own record, so a reused run reports its training time, not the reuse's.
     wall = sum(m.get("epoch_seconds", m["seconds"]) for m in history)
-    return {"history": history, "wall_seconds": wall, "run": run.out}
+    result = {"history": history, "wall_seconds": wall, "run": run.out}
+    if summary_path:
+        _write_summary(summary_path, run, result)
+    return result
+
+
+# What a run summary keeps of its run's options: everything that changes what it computes.
+_NOT_RUN = ("out", "command", "workers", "device", "resume", "checkpoint_every", "strict")
+
+
+def _run_options(run: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(asdict(run))).items() if k not in _NOT_RUN}
+
+
+def _write_summary(path: str, run: TrainConfig, result: dict[str, Any]) -> None:
+    """A finished run's summary: its options, the evaluated epochs (and the last) of its
+    metrics, its training time."""
+    history = result["history"]
+    kept = [m for m in history if m.get("val_accuracy") is not None or m is history[-1]]
+    summary = {
+        "options": _run_options(run),
+        "history": kept,
+        "wall_seconds": result["wall_seconds"],
+        "epochs_trained": len(history),
+        "images_per_s": sum(m["images_per_s"] for m in history) / len(history),
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_summary(path: str, run: TrainConfig) -> dict[str, Any] | None:
+    """A run's summary, if one is there; one made with other options is refused by name."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    now = _run_options(run)
+    diff = [
+        f"{k}: {summary['options'].get(k)!r} there, {v!r} now"
+        for k, v in now.items()
+        if summary["options"].get(k) != v and k in summary["options"]
+    ]
+    if diff:
+        raise KdcacheError(
+            f"run summary {path} was made with other options ({'; '.join(diff)}); remove it, "
+            "or point --results elsewhere"
+        )
+    history = summary["history"]
+    for m in history:  # the summary's mean rate stands for every epoch
+        m["images_per_s"] = summary["images_per_s"]
+    return {"history": history, "wall_seconds": summary["wall_seconds"], "run": path}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -308,24 +398,41 @@ def ablate(
         results["modes"][cell.name] = _summarise(runs)
     if cfg.patience:
         results["patience"] = _patience(cfg, cells, fit)
+    if cfg.cache_sizes:
+        results["cache_budget"] = _cache_budget(cfg, cells, fit)
     _write(cfg, results)
     return results
 
 
 def _patience(cfg: AblateConfig, cells: list[Cell], fit: Callable) -> dict[str, dict[str, float]]:
-    """Final val accuracy (mean over seeds) of the function-matching cells per budget."""
-    from kdcache.train.modes import get_mode
-
+    """Final val accuracy (mean over seeds) of every cell per budget."""
     out: dict[str, dict[str, float]] = {}
     for cell in cells:
-        if not cell.patient or not get_mode(cell.teacher_mode).sees_student_views:
-            continue
         out[cell.name] = {}
         for epochs in sorted(set(cfg.patience)):
             runs = [_train(cfg, cell, s, epochs, fit) for s in range(cfg.seeds)]
             out[cell.name][str(epochs)] = _mean([r["history"][-1]["val_accuracy"] for r in runs])
+    return out
+
+
+def _cache_budget(
+    cfg: AblateConfig, cells: list[Cell], fit: Callable
+) -> dict[str, dict[str, float]]:
+    """Final val accuracy (mean over seeds) of the cached cells at the longest budget, per
+    cache budget (the first N epochs of the cache)."""
+    from kdcache.train.modes import get_mode
+
+    longest = max([cfg.epochs, *cfg.patience])
+    out: dict[str, dict[str, float]] = {}
+    for cell in cells:
+        if not get_mode(cell.teacher_mode).replays_cache_views:
+            continue
+        out[cell.name] = {}
+        for size in sorted(set(cfg.cache_sizes)):
+            runs = [_train(cfg, cell, s, longest, fit, size) for s in range(cfg.seeds)]
+            out[cell.name][str(size)] = _mean([r["history"][-1]["val_accuracy"] for r in runs])
     if not out:
-        log.warning("--patience given but no function-matching mode is in --mode")
+        log.warning("--cache-sizes given but no cached mode is in --mode")
     return out
 
 
@@ -359,7 +466,16 @@ def format_table(results: dict[str, Any]) -> str:
             "|---|" + "---|" * len(budgets),
         ]
         for mode, p in results["patience"].items():
-            lines.append(f"| {mode} | " + " | ".join(f"{p[str(e)]:.4f}" for e in budgets) + " |")
+            lines.append(f"| {mode} | " + " | ".join(_fmt(p[str(e)]) for e in budgets) + " |")
+    if results.get("cache_budget"):
+        sizes = sorted({int(e) for p in results["cache_budget"].values() for e in p})
+        lines += [
+            "",
+            "| mode (cache epochs) | " + " | ".join(f"{e}" for e in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for mode, p in results["cache_budget"].items():
+            lines.append(f"| {mode} | " + " | ".join(_fmt(p[str(e)]) for e in sizes) + " |")
     return "\n".join(lines)
 
 
