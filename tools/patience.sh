@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The reduced patience experiment of issue 14 (docs/patience.md). Run from the repo root:
+#   bash tools/patience.sh        (about 2 CPU-hours on 2 cores; re-run it to resume)
+# Resumable: every step
+# reuses what is finished (shards, the teacher run, caches, runs, committed summaries).
+set -euo pipefail
+K=${K:-$(pwd)/.venv/bin/kdcache}
+W=$(realpath -m "${W:-runs/patience}")  # run directories and caches (not committed)
+R=$(pwd)/docs/results/patience  # committed run summaries
+mkdir -p $W && cd $W
+t0=$(date +%s)
+stamp() { echo "$(date +%H:%M:%S) +$(( $(date +%s) - t0 ))s $*"; }
+FM='inception_crop(min_area=0.25)|flip|mixup'
+CONS='inception_crop(min_area=0.25)|flip'
+ls data/train-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split train --shard-size 256 -q
+ls data/val-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split val --shard-size 256 -q
+stamp shards
+# The teacher: resnet_s on the consistent views it will be asked about, 40 epochs.
+$K train --data 'data/train-*.tar' --val 'data/val-*.tar' --student kdcache:resnet_s \
+  --out teacher --epochs 40 --teacher-mode none --views "$CONS" --image-size 32 \
+  --batch-size 64 --lr 3e-3 --workers 1 --resume -q --json | tail -1 > teacher.json
+stamp teacher
+# One shared cache directory for every step (precompute extends a cache to what a step needs);
+# each step has its own --out and summary directory (run directories are named by the grid).
+mkdir -p caches
+for step in grid online long cache_sample cache_cycle fm1000; do
+  mkdir -p $step; [ -e $step/caches ] || ln -s $W/caches $step/caches
+done
+COMMON=(--data 'data/train-*.tar' --val 'data/val-*.tar' --teacher kdcache:resnet_s
+  --teacher-weights $W/teacher/model.pt --student kdcache:tiny_cnn --image-size 32
+  --batch-size 64 --lr 3e-3 --limit 512 --workers 1 --eval-every 5 -q --json)
+# 1. Patience, 3 seeds: budgets 10 (the grid), 30, 100.
+$K ablate "${COMMON[@]}" --results $R/grid --out grid --epochs 10 --seeds 3 --patience 30,100 \
+  --mode none:"$CONS" --mode fixed --mode cached:"$CONS" --mode cached:"$FM" | tail -1 > grid.json
+stamp grid
+# 2. Online at two short budgets, for parity with cached.
+$K ablate "${COMMON[@]}" --results $R/online --out online --epochs 10 --seeds 1 --patience 30 \
+  --mode online:"$FM" | tail -1 > online.json
+stamp online
+# 3. Longer, 1 seed: 300 epochs for every mode.
+$K ablate "${COMMON[@]}" --results $R/long --out long --epochs 300 --seeds 1 \
+  --mode none:"$CONS" --mode fixed --mode cached:"$CONS" --mode cached:"$FM" | tail -1 > long.json
+stamp long
+# 4. Cache budget at 300 epochs, function matching: caches of 10, 30, 100 epochs, --reuse sample,
+#    and the 10-epoch cache cycled.
+$K ablate "${COMMON[@]}" --results $R/cache_sample --out cache_sample --epochs 300 --seeds 1 --cache-sizes 10,30,100 \
+  --reuse sample --mode cached:"$FM" | tail -1 > cache_budget.json
+stamp cache-sample
+$K ablate "${COMMON[@]}" --results $R/cache_cycle --out cache_cycle --epochs 300 --seeds 1 --cache-sizes 10 \
+  --mode cached:"$FM" | tail -1 > cache_cycle.json
+stamp cache-cycle
+# 5. Function matching at 1000 epochs, 1 seed (the 300-epoch cache, sampled).
+$K ablate "${COMMON[@]}" --results $R/fm1000 --out fm1000 --epochs 1000 --seeds 1 --reuse sample --cache-epochs 300 \
+  --mode cached:"$FM" | tail -1 > fm1000.json
+stamp fm1000
