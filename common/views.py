@@ -79,7 +79,7 @@ class ViewSpec:
             where = f"{what} {text!r}, column {term.column}"
             try:
                 op = factory(**bind(term, params, where))
-                op.check()
+                getattr(op, "check", lambda: None)()
             except (TypeError, ValueError) as e:
                 raise KdcacheError(f"{where}: {term} cannot be made ({e})") from None
             ops.append(op)

@@ -146,3 +146,23 @@ def test_ablate_cache_budgets_and_committed_run_summaries(tmp_path, train_dir, v
     other = dataclasses.replace(cfg, train=dataclasses.replace(train, lr=0.5))
     with pytest.raises(Exception, match="was made with other options .*lr: 0.001 there, 0.5 now"):
         ablate(other, fit=no_training)
+
+
+def test_a_short_function_matching_run_is_warned_about(caplog, tmp_path, train_dir, val_dir):
+    from kdcache.train.modes import get_mode
+    from kdcache.train.trainer import PATIENT_EPOCHS, _warn_short_function_matching
+    from kdcache.views import get_spec
+
+    cfg = small_run(train_dir, val_dir, tmp_path / "r", epochs=30)
+    cases = [
+        ("function_matching", "cached", 30, True),
+        ("function_matching", "online", 30, True),
+        ("function_matching", "none", 30, False),  # hard labels: mixup is its own thing
+        ("consistent", "cached", 30, False),
+        ("function_matching", "cached", PATIENT_EPOCHS, False),
+    ]
+    for views, mode, epochs, warned in cases:
+        caplog.clear()
+        run = dataclasses.replace(cfg, epochs=epochs)
+        _warn_short_function_matching(run, get_spec(views), get_mode(mode))
+        assert ("function matching needs long schedules" in caplog.text) == warned, (views, mode)

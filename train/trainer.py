@@ -127,6 +127,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
                 f"--teacher-mode {cfg.teacher_mode} trains on unmixed views (the teacher never "
                 f"sees the student's mix); --views {spec.name} mixes: use consistent or center"
             )
+    _warn_short_function_matching(cfg, spec, mode)
     teacher = None
     if cfg.teacher:
         if teacher_size is None:
@@ -214,6 +215,25 @@ def _check_class_count(index: DatasetIndex, val: DatasetIndex, label_classes: in
             f"student, but the data ({index.num_samples} train and {val.num_samples} val "
             f"samples) has only {distinct} distinct labels; fix the stray labels, or pass "
             f"--num-classes {label_classes} if that many classes are meant"
+        )
+
+
+# Function matching is patient: on digits (docs/patience.md) it trailed hard labels and
+# consistent views at every budget up to 100 epochs; the paper's schedules start at 300.
+PATIENT_EPOCHS = 300
+
+
+def _warn_short_function_matching(cfg: TrainConfig, spec: ViewSpec, mode: TeacherMode) -> None:
+    """Say so when a mixing run with a teacher on the student's views is short."""
+    if spec.mixes and mode.sees_student_views and cfg.epochs < PATIENT_EPOCHS:
+        log.warning(
+            "--epochs %d with %s views: function matching needs long schedules (Beyer et al. "
+            "train 300 to 9,600 epochs; on digits it trailed hard labels and consistent views "
+            "at every budget up to 100 epochs: docs/patience.md); for a short budget use "
+            "consistent views, or train for %d epochs or more",
+            cfg.epochs,
+            spec.name,
+            PATIENT_EPOCHS,
         )
 
 
