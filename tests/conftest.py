@@ -368,3 +368,20 @@ def small_run(train_dir: str, val_dir: str, out, **kw):
     )
     opts.update(kw)
     return TrainConfig(**opts)
+
+
+def assert_teacher_reproduces(teacher, pixels, item, k: int) -> int:
+    """Re-run ``teacher`` on ``pixels``: its top-k must be the batch's cached top-k (indices
+    exactly, logits within one fp16 ulp). -> how many rows agree on top-1 (all of them)."""
+    import torch
+
+    from kdcache.runtime import topk_rows
+
+    with torch.no_grad():
+        logits = teacher(pixels).float()
+    fresh = topk_rows(logits, k)
+    assert torch.equal(fresh["topk_index"].to(item["topk_index"].dtype), item["topk_index"])
+    stored = item["topk_logits"].float()
+    ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
+    assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
+    return int((logits.argmax(1) == item["topk_index"][:, 0].long()).sum())

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE, cache_config
+from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE, assert_teacher_reproduces, cache_config
 
 from kdcache import schema, view_ops
 from kdcache.cache import precompute
@@ -19,7 +19,6 @@ from kdcache.data.index import load_index
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.render import render_raw, render_views
-from kdcache.runtime import topk_rows
 from kdcache.store import open_cache
 from kdcache.train.batches import EpochData, TrainBatches
 from kdcache.train.order import epoch_order, rank_batches
@@ -324,15 +323,8 @@ def test_a_pipeline_of_every_op_replays_exactly(full_cache, train_dir):
         dataset = TrainBatches(data)
         for b in range(len(dataset)):
             item = dataset[b]
-            with torch.no_grad():
-                logits = teacher(item["teacher_pixels"]).float()
-            fresh = topk_rows(logits, cache.topk)
-            assert torch.equal(fresh["topk_index"].to(item["topk_index"].dtype), item["topk_index"])
-            stored = item["topk_logits"].float()
-            ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
-            assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
-            agree += int((logits.argmax(1) == item["topk_index"][:, 0].long()).sum())
-            total += len(logits)
+            agree += assert_teacher_reproduces(teacher, item["teacher_pixels"], item, cache.topk)
+            total += len(item["rows"])
             # the student (bilinear) and the teacher (bicubic) render differently
             assert not torch.equal(item["pixels"], item["teacher_pixels"])
     assert agree == total >= cache.epochs * index.num_samples  # top-1 agreement 1.0
@@ -439,13 +431,7 @@ def test_each_op_replays_exactly(spec, tmp_path, train_dir):
     dataset = TrainBatches(data)
     for b in range(len(dataset)):
         item = dataset[b]
-        with torch.no_grad():
-            logits = teacher(item["pixels"]).float()
-        fresh = topk_rows(logits, cache.topk)
-        assert torch.equal(fresh["topk_index"].to(item["topk_index"].dtype), item["topk_index"])
-        stored = item["topk_logits"].float()
-        ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
-        assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
+        assert_teacher_reproduces(teacher, item["pixels"], item, cache.topk)
 
 
 def test_an_unset_teacher_filter_is_resolved_into_the_caches_spec(tmp_path, train_dir):

@@ -444,6 +444,18 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _budget_table(table: dict[str, dict[str, Any]], head: str, unit: str) -> list[str]:
+    """``{mode: {budget: accuracy}}`` as Markdown rows, one column per budget."""
+    budgets = sorted({int(e) for p in table.values() for e in p})
+    lines = [
+        f"| {head} | " + " | ".join(f"{e} {unit}".strip() for e in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for mode, p in table.items():
+        lines.append(f"| {mode} | " + " | ".join(_fmt(p[str(e)]) for e in budgets) + " |")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (what ``ablation.md`` holds)."""
     lines = [
@@ -458,24 +470,9 @@ def format_table(results: dict[str, Any]) -> str:
             f"{_fmt(r['teacher_agreement'])} | {_fmt(r['images_per_s'], 0)} | "
             f"{_fmt(r['wall_seconds'], 0)} |"
         )
-    if results.get("patience"):
-        budgets = sorted({int(e) for p in results["patience"].values() for e in p})
-        lines += [
-            "",
-            "| mode | " + " | ".join(f"{e} epochs" for e in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for mode, p in results["patience"].items():
-            lines.append(f"| {mode} | " + " | ".join(_fmt(p[str(e)]) for e in budgets) + " |")
-    if results.get("cache_budget"):
-        sizes = sorted({int(e) for p in results["cache_budget"].values() for e in p})
-        lines += [
-            "",
-            "| mode (cache epochs) | " + " | ".join(f"{e}" for e in sizes) + " |",
-            "|---|" + "---|" * len(sizes),
-        ]
-        for mode, p in results["cache_budget"].items():
-            lines.append(f"| {mode} | " + " | ".join(_fmt(p[str(e)]) for e in sizes) + " |")
+    for key, head in (("patience", "mode"), ("cache_budget", "mode (cache epochs)")):
+        if results.get(key):
+            lines += ["", *_budget_table(results[key], head, "epochs" if key == "patience" else "")]
     return "\n".join(lines)
 
 
