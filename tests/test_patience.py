@@ -104,8 +104,8 @@ def test_eval_every_and_best_pt(tmp_path, train_dir, val_dir):
 
 def test_ablate_cache_budgets_and_committed_run_summaries(tmp_path, train_dir, val_dir):
     """--cache-sizes trains the cached modes at the longest budget on the first N cache epochs;
-    --results keeps one summary per run, and a new machine (no run directories) with the same
-    summaries trains nothing again."""
+    --results keeps one summary per run, and a new machine (no run directories, no caches) with
+    the same summaries trains nothing again and precomputes nothing."""
     import shutil
 
     from conftest import TEACHER
@@ -136,6 +136,7 @@ def test_ablate_cache_budgets_and_committed_run_summaries(tmp_path, train_dir, v
         "cached-consistent/seed0.json", "none-e2/seed0.json", "none/seed0.json",
     }  # fmt: skip
     shutil.rmtree(tmp_path / "grid" / "runs")  # a new machine: no run directories
+    shutil.rmtree(tmp_path / "grid" / "caches")  # and no caches
 
     def no_training(run):
         raise AssertionError(f"trained {run.out} again")
@@ -143,6 +144,7 @@ def test_ablate_cache_budgets_and_committed_run_summaries(tmp_path, train_dir, v
     second = ablate(cfg, fit=no_training)
     assert second["patience"] == first["patience"]
     assert second["cache_budget"] == first["cache_budget"]
+    assert not (tmp_path / "grid" / "caches").exists()
     other = dataclasses.replace(cfg, train=dataclasses.replace(train, lr=0.5))
     with pytest.raises(Exception, match="was made with other options .*lr: 0.001 there, 0.5 now"):
         ablate(other, fit=no_training)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reduced patience experiment of issue 14 (docs/patience.md). Run from the repo root:
-#   bash tools/patience.sh        (about 2 CPU-hours on 2 cores; re-run it to resume)
+#   bash tools/patience.sh        (about 3 CPU-hours on 2 cores; re-run it to resume)
 # Resumable: every step
 # reuses what is finished (shards, the teacher run, caches, runs, committed summaries).
 set -euo pipefail
@@ -23,7 +23,7 @@ stamp teacher
 # One shared cache directory for every step (precompute extends a cache to what a step needs);
 # each step has its own --out and summary directory (run directories are named by the grid).
 mkdir -p caches
-for step in grid online long cache_sample cache_cycle fm1000; do
+for step in grid online long cache_sample cache_cycle fm1000 long1000; do
   mkdir -p $step; [ -e $step/caches ] || ln -s $W/caches $step/caches
 done
 COMMON=(--data 'data/train-*.tar' --val 'data/val-*.tar' --teacher kdcache:resnet_s
@@ -37,8 +37,8 @@ stamp grid
 $K ablate "${COMMON[@]}" --results $R/online --out online --epochs 10 --seeds 1 --patience 30 \
   --mode online:"$FM" | tail -1 > online.json
 stamp online
-# 3. Longer, 1 seed: 300 epochs for every mode.
-$K ablate "${COMMON[@]}" --results $R/long --out long --epochs 300 --seeds 1 \
+# 3. Longer, 3 seeds: 300 epochs for every mode.
+$K ablate "${COMMON[@]}" --results $R/long --out long --epochs 300 --seeds 3 \
   --mode none:"$CONS" --mode fixed --mode cached:"$CONS" --mode cached:"$FM" | tail -1 > long.json
 stamp long
 # 4. Cache budget at 300 epochs, function matching: caches of 10, 30, 100 epochs, --reuse sample,
@@ -53,3 +53,8 @@ stamp cache-cycle
 $K ablate "${COMMON[@]}" --results $R/fm1000 --out fm1000 --epochs 1000 --seeds 1 --reuse sample --cache-epochs 300 \
   --mode cached:"$FM" | tail -1 > fm1000.json
 stamp fm1000
+# 6. Hard labels and consistent views at 1000 epochs, 1 seed (the same 300-epoch cache, sampled):
+#    does function matching's 0.972 beat them there?
+$K ablate "${COMMON[@]}" --results $R/long1000 --out long1000 --epochs 1000 --seeds 1 --reuse sample \
+  --cache-epochs 300 --mode none:"$CONS" --mode cached:"$CONS" | tail -1 > long1000.json
+stamp long1000

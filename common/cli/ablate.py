@@ -258,10 +258,8 @@ def _train(
     from kdcache.train.trainer import read_metrics
 
     run = _cell_config(cfg, cell, seed, epochs, cache_size)
-    summary_path = None
-    if cfg.results:
-        where = os.path.relpath(os.path.dirname(run.out), os.path.join(cfg.out, "runs"))
-        summary_path = os.path.join(cfg.results, where, f"seed{seed}.json")
+    summary_path = _summary_path(cfg, run)
+    if summary_path:
         done = _read_summary(summary_path, run)
         if done is not None:
             log.info(
@@ -281,6 +279,39 @@ def _train(
     if summary_path:
         _write_summary(summary_path, run, result)
     return result
+
+
+def _summary_path(cfg: AblateConfig, run: TrainConfig) -> str | None:
+    """Where ``--results`` keeps the summary of ``run`` (None without ``--results``)."""
+    if not cfg.results:
+        return None
+    where = os.path.relpath(os.path.dirname(run.out), os.path.join(cfg.out, "runs"))
+    return os.path.join(cfg.results, where, f"seed{run.seed}.json")
+
+
+def _runs_of(cfg: AblateConfig, cell: Cell) -> list[TrainConfig]:
+    """Every run of one cell: its seeds at the grid's budget, the patience budgets and the
+    cache budgets."""
+    from kdcache.train.modes import get_mode
+
+    longest = max([cfg.epochs, *cfg.patience])
+    jobs = [(e, None) for e in dict.fromkeys([cfg.epochs, *sorted(set(cfg.patience))])]
+    if get_mode(cell.teacher_mode).replays_cache_views:
+        jobs += [(longest, size) for size in sorted(set(cfg.cache_sizes))]
+    return [_cell_config(cfg, cell, s, e, c) for e, c in jobs for s in range(cfg.seeds)]
+
+
+def _unfinished(cfg: AblateConfig, cells: list[Cell]) -> list[Cell]:
+    """The cells with a run that has no summary in ``--results`` yet (all of them without
+    it): only their caches need building, so a grid whose summaries are committed reruns on a
+    new machine without precomputing anything it will not train on."""
+    if not cfg.results:
+        return cells
+    return [
+        cell
+        for cell in cells
+        if any(not os.path.exists(_summary_path(cfg, run)) for run in _runs_of(cfg, cell))
+    ]
 
 
 # What a run summary keeps of its run's options: everything that changes what it computes.
@@ -391,7 +422,7 @@ def ablate(
         raise KdcacheError(f"--seeds must be at least 1, got {cfg.seeds}")
     cells = grid_cells(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    _build_caches(cfg, cells, bar)
+    _build_caches(cfg, _unfinished(cfg, cells), bar)
     results: dict[str, Any] = {"config": asdict(cfg), "modes": {}}
     for cell in cells:
         runs = [_train(cfg, cell, s, cfg.epochs, fit) for s in range(cfg.seeds)]
