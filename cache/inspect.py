@@ -35,6 +35,7 @@ def summary(cache: Cache) -> dict[str, Any]:
         "schema_version": m["schema_version"],
         "epochs_allocated": cache.epochs,
         "epochs_complete": len(cache.complete_epochs()),
+        "epochs_per_block": cache.epochs_per_block,
         "units": len(cache.units),
         "units_done": int(done.sum()),
         "work_units_total": int(done.size),

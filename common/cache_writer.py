@@ -54,25 +54,51 @@ class CacheWriter(Cache):
         self.array(schema.DONE_ARRAY)[epoch, unit] = 0
 
     def write_unit(self, epoch: int, unit: int, rows: Mapping[str, np.ndarray]) -> None:
-        """Write one (epoch, unit) whole, then mark it done. ``rows``: every row field, (count, ...).
+        """Write one (epoch, unit) and mark it done: :meth:`write_block` of that one epoch."""
+        self.write_block(unit, {epoch: rows})
 
-        The row arrays are written concurrently, one file each (the unit's chunk or shard), on
-        zarr's I/O loop: on object storage a unit costs about one request latency, not one per
-        array. The done mark is written after all of them.
+    def write_block(self, unit: int, epochs: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Write a unit's block whole, then mark its epochs done.
+
+        epochs: ``{epoch: rows}`` for epochs of one block (``rows``: every row field,
+            (count, ...)). Its other allocated epochs must be done already: their committed rows
+            are read back (and checked), so each array's file of the block is written once, in
+            full, and a done epoch keeps its bytes. A damaged one raises CacheDamagedError.
+
+        The row arrays are written concurrently, one file each (the block's chunk or shard), on
+        zarr's I/O loop: on object storage a block costs about one request latency, not one per
+        array. Then the manifest cells, then the done marks, each one file for the block.
         """
+        if not epochs:
+            return
+        block = self.block_of(min(epochs))
+        if not set(epochs) <= set(block):
+            raise ValueError(f"epochs {sorted(epochs)} are not all in the block {block}")
         count = self.units[unit].count
-        selection = (epoch, slice(unit * self.slot, (unit + 1) * self.slot))
+        given = dict(epochs)
+        for epoch in block:
+            if epoch not in given:
+                if not self.done_mask_of(unit, epoch):
+                    raise ValueError(f"epoch {epoch} of unit {unit} is neither given nor done")
+                given[epoch] = self.read_unit(epoch, unit)  # checked against its manifest cell
+        selection = (
+            slice(block.start, block.stop),
+            slice(unit * self.slot, (unit + 1) * self.slot),
+        )
         writes = []
-        entry = [epoch, unit]
+        entries = np.array([[e, unit] for e in block], dtype=np.uint32)
+        sums = []
         for field in self.row_fields:
             arr = self.array(field.name)
-            data = np.asarray(rows[field.name], dtype=arr.dtype)
-            if data.shape[0] != count:
-                raise ValueError(f"{field.name}: {data.shape[0]} rows for a unit of {count}")
-            full = np.full((self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
-            full[:count] = data
+            full = np.full((len(block), self.slot, *arr.shape[2:]), field.fill, dtype=arr.dtype)
+            for i, epoch in enumerate(block):
+                data = np.asarray(given[epoch][field.name], dtype=arr.dtype)
+                if data.shape[0] != count:
+                    raise ValueError(f"{field.name}: {data.shape[0]} rows for a unit of {count}")
+                full[i, :count] = data
             writes.append((arr.async_array, full))
-            entry.append(schema.rows_checksum(full[:count]))
+            sums.append([schema.rows_checksum(full[i, :count]) for i in range(len(block))])
+        entries = np.concatenate([entries, np.array(sums, dtype=np.uint32).T], axis=1)
 
         async def write(array: Any, values: np.ndarray) -> None:
             await array.setitem(selection, values)
@@ -83,10 +109,14 @@ class CacheWriter(Cache):
 
         zarr_sync(write_all())
         if self.has_manifest:
-            self.array(schema.MANIFEST_ARRAY)[epoch, unit] = np.array(entry, dtype=np.uint32)
+            self.array(schema.MANIFEST_ARRAY)[block.start : block.stop, unit] = entries
         faults.point("commit")
-        self.array(schema.DONE_ARRAY)[epoch, unit] = 1
+        self.array(schema.DONE_ARRAY)[block.start : block.stop, unit] = 1
         faults.point("committed")
+
+    def done_mask_of(self, unit: int, epoch: int) -> bool:
+        """Whether (epoch, unit) is committed (one cell of the done array)."""
+        return bool(self.array(schema.DONE_ARRAY)[epoch, unit])
 
     def extend(self, epochs: int) -> None:
         """Allocate ``epochs`` epochs in total (metadata only: no row is rewritten)."""
@@ -110,18 +140,27 @@ def create_cache(
     sample_rows: Mapping[str, np.ndarray],
     epochs: int,
     chunk_rows: int | None = None,
+    epochs_per_block: int = 1,
 ) -> CacheWriter:
     """Create an empty cache group with every array allocated for ``epochs`` epochs.
 
     meta: the ``kdcache`` group attributes; ``meta["data"]["units"]`` (name, count, ...) fixes the
         layout, ``meta["topk"]`` and ``meta["num_classes"]`` the row widths.
     sample_rows: the per-sample fields (``key_hash``, ``label``) in global index order, (N,).
+    epochs_per_block: B; each per-epoch array stores one shard per (block of B epochs, unit).
     """
     units = [schema.UnitRecord.from_attrs(u) for u in meta["data"]["units"]]
     max_count = max(u.count for u in units)
     chunk_rows = chunk_rows or schema.default_chunk_rows(max_count)
     slot = schema.slot_size(max_count, chunk_rows)
-    meta = {**meta, "slot": slot, "chunk_rows": chunk_rows, "schema_version": schema.SCHEMA_VERSION}
+    b = int(epochs_per_block)
+    if b < 1:
+        raise ValueError(f"epochs_per_block must be at least 1, got {b}")
+    # A cache of one epoch per block is laid out as version 2 always was, for any kdcache.
+    version = schema.SCHEMA_VERSION if b > 1 else schema.BLOCKS_VERSION - 1
+    meta = {**meta, "slot": slot, "chunk_rows": chunk_rows, "schema_version": version}
+    if b > 1:
+        meta["epochs_per_block"] = b
     rows = slot * len(units)
     # The group is born with the creation marker (one write), so a creation killed at any point
     # is recognised as one and redone.
@@ -148,9 +187,9 @@ def create_cache(
             shape=(epochs, rows, *trail),
             dtype=schema.field_dtype(field, c),
             chunks=(1, chunk_rows, *trail),
-            # A unit that fits one chunk is one file without zarr's sharding codec, which would
-            # only add an index and a second read; larger units are a shard of several chunks.
-            shards=(1, slot, *trail) if slot > chunk_rows else None,
+            # A unit's block that fits one chunk is one file without zarr's sharding codec,
+            # which would only add an index and a second read; else a shard of chunks.
+            shards=(b, slot, *trail) if slot > chunk_rows or b > 1 else None,
             compressors=_compressors(field.shuffle),
             fill_value=field.fill,
             dimension_names=("epoch", "row", *[f"d{i}" for i in range(len(trail))]),
@@ -179,6 +218,7 @@ def create_cache(
         shape=(epochs, len(units), 2 + len(row_fields)),
         dtype="uint32",
         chunks=(1, 1, 2 + len(row_fields)),
+        shards=(b, 1, 2 + len(row_fields)) if b > 1 else None,
         fill_value=schema.MANIFEST_FILL,
         compressors=_compressors(),
         dimension_names=("epoch", "unit", "entry"),
@@ -188,13 +228,21 @@ def create_cache(
         shape=(epochs, len(units)),
         dtype="uint8",
         chunks=(1, 1),
+        shards=(b, 1) if b > 1 else None,
         fill_value=0,
         compressors=[Crc32cCodec()],
         dimension_names=("epoch", "unit"),
     )
     faults.point("create")
     group.attrs.put({schema.FORMAT_NAME: meta})  # replaces the creation marker in one write
-    log.info("created cache %s: %d units x %d rows, %d epochs", path, len(units), slot, epochs)
+    log.info(
+        "created cache %s: %d units x %d rows, %d epochs in blocks of %d",
+        path,
+        len(units),
+        slot,
+        epochs,
+        b,
+    )
     return CacheWriter(path)
 
 

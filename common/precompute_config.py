@@ -25,6 +25,9 @@ from kdcache.options import (
 )
 from kdcache.views import get_spec
 
+# Epochs per block of a new cache: docs/benchmarks.md measures B = 1, 4, 16 side by side.
+DEFAULT_EPOCHS_PER_BLOCK = 16
+
 STRICT_HELP = (
     "an unusable image (no image, undecodable, too large, a mixing partner that does not "
     "decode) or a shard cut short (no end-of-archive blocks) is an error; by default such rows "
@@ -62,6 +65,13 @@ class PrecomputeConfig:
         None, help="[as the mean]", metavar="R,G,B"
     )
     max_image_pixels: int | None = option(None, help=MAX_PIXELS_HELP, metavar="N")
+    epochs_per_block: int | None = option(
+        None,
+        help="epochs whose views of a unit are rendered from one decode and stored as one file "
+        "per array (a new cache's layout; an existing cache keeps its own)",
+        metavar="B",
+        shown=f"{DEFAULT_EPOCHS_PER_BLOCK}",
+    )
     chunk_rows: int | None = None
     limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
     strict: bool = option(False, help=STRICT_HELP)
@@ -74,6 +84,7 @@ class PrecomputeConfig:
             f"--{name.replace('_', '-')} must be at least {low}, got {value}"
             for name, value, low in (
                 ("epochs", self.epochs, 1),
+                ("epochs_per_block", self.epochs_per_block, 1),
                 ("topk", self.topk, 1),
                 ("batch_size", self.batch_size, 1),
                 ("workers", self.workers, 0),

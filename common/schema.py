@@ -5,9 +5,12 @@ is its prose twin; change the two together and bump :data:`SCHEMA_VERSION` when 
 old version could misread the new layout.
 
 Layout. Rows are ``unit * slot + position``: each unit (tar shard) owns a slot of ``slot`` rows
-(its largest unit rounded up to ``chunk_rows``; unused rows are padding) and one file (a chunk,
-or a Zarr shard of chunks for units longer than ``chunk_rows``) is exactly one (epoch, slot), so
-a work unit (epoch, unit) is written whole by one writer and no two units ever share a file.
+(its largest unit rounded up to ``chunk_rows``; unused rows are padding). Epochs are grouped in
+blocks of ``epochs_per_block`` (B; 1 in caches made before blocks existed), and one file per
+array is exactly one (block, slot): a chunk when B is 1 and the unit fits one chunk, else a Zarr
+shard of (1 epoch, ``chunk_rows``) chunks. A block of a unit is written whole by one writer and
+no two units ever share a file. Done marks and manifest cells stay per (epoch, unit), stored in
+(block, unit) shards the same way.
 
 Units. The group attributes list the units (``data.units``); :class:`UnitRecord` is one entry,
 typed, read from the stored dict and written back to the same one.
@@ -25,7 +28,12 @@ import numpy as np
 # 2: a row is bad only when its image is unusable, and says why (statuses 3-6); labels play no
 # part. Version 1 caches read as before: their status 2 covers every reason, unlabelled rows and
 # labels outside the teacher's classes included, and extending one keeps that rule.
-SCHEMA_VERSION = 2
+# 3: epochs in blocks of ``epochs_per_block`` > 1, one shard per array per (unit, block). Readers
+# of version 2 would read such a cache right, but their writers would write its blocks an epoch
+# at a time (several ranks into one shard file), so they must refuse it: a cache with one epoch
+# per block is still written as version 2, and any kdcache reads and extends it.
+SCHEMA_VERSION = 3
+BLOCKS_VERSION = 3  # the first version with epoch blocks
 FORMAT_NAME = "kdcache"
 
 # Row status. Anything but OK is skipped by training.
@@ -207,6 +215,13 @@ def trailing_shape(field: Field, k: int) -> tuple[int, ...]:
 def slot_size(max_unit_count: int, chunk_rows: int) -> int:
     """Rows owned by each unit: the largest unit, rounded up to whole chunks."""
     return max(1, -(-max_unit_count // chunk_rows)) * chunk_rows
+
+
+def block_of(epoch: int, epochs_per_block: int, epochs: int) -> range:
+    """The epochs of ``epoch``'s block that a cache of ``epochs`` allocated epochs holds (the
+    last block may be cut short until the cache is extended)."""
+    start = epoch // epochs_per_block * epochs_per_block
+    return range(start, min(start + epochs_per_block, epochs))
 
 
 def default_chunk_rows(max_unit_count: int) -> int:

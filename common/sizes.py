@@ -1,7 +1,7 @@
 """What a cache's rows cost on disk, split into payload and per-file overhead.
 
-Every (epoch, unit) of every row array is one file (:mod:`kdcache.schema`), and a file costs
-more than its rows: blosc's 16-byte header, crc32c's 4 bytes, zstd's frame (~25 B), the
+Every (epoch, unit) of every row array is one chunk, alone in its file or with the other epochs
+of its block in a Zarr shard (:mod:`kdcache.schema`), and a chunk costs more than its rows: blosc's 16-byte header, crc32c's 4 bytes, zstd's frame (~25 B), the
 padding rows of the unit's slot (a multiple of 64 rows; 1-byte arrays under 128 bytes are
 stored raw), and above all the poor compression of few rows. Measured with units of 8-256
 rows, of the test teacher (K = C = 10, ~29 B/row of payload) and ImageNet-shaped (K = 10,
@@ -13,8 +13,10 @@ Method, cheap on any cache: files are only stat'ed (apparent size ``st_size``, a
 committed units are read per array. Those rows, compressed together as one chunk with the
 array's own codecs, less blosc's header and the checksum, give the *payload* rate ``p`` per
 row: what a row costs in the largest one-chunk unit. *Overhead* is the rest of the unit files'
-bytes, a fixed cost ``F`` per file: a unit of ``n`` rows costs ``F + p n`` per array, and the
-overhead share is ``F / (F + p n)``. ``F`` is measured at the cache's own shard size and grows
+bytes, a fixed cost ``F`` per (epoch, unit) chunk (a shard's index of 16 B per chunk included):
+a unit of ``n`` rows costs ``F + p n`` per array and epoch, and the overhead share is ``F / (F +
+p n)``. Epoch blocks do not change that share in file sizes; on disk, where every file fills
+whole blocks, a file of B epochs rounds up once for B chunks. ``F`` is measured at the cache's own shard size and grows
 slowly with it (0.8 KB at 256 rows, 1.3 KB at 1000 on ImageNet-shaped rows; on the test's rows
 a cache made at the recommended size came out at 9-12 %): round the recommendations up.
 """
@@ -77,19 +79,23 @@ def _payload_rate(cache: Cache, name: str, sample: np.ndarray) -> float | None:
     return max(0, _encoded_bytes(cache.array(name), rows) - _FIXED_CODEC_BYTES) / len(rows)
 
 
-def _shard_size(fixed: np.ndarray, rate: np.ndarray, block: int | None) -> int | None:
+def _shard_size(
+    fixed: np.ndarray, rate: np.ndarray, block: int | None, epochs_per_file: int = 1
+) -> int | None:
     """Smallest shard size from which on the per-unit overhead stays under :data:`TARGET`:
-    of apparent bytes (``block`` None), or of allocated bytes in ``block``-byte blocks."""
+    of apparent bytes (``block`` None), or of allocated bytes in ``block``-byte blocks, each
+    file holding ``epochs_per_file`` chunks."""
     p, f = float(rate.sum()), float(fixed.sum())
     if p <= 0:
         return None
     if block is None:
         return math.floor(f * (1 - TARGET) / TARGET / p) + 1
-    bound = math.ceil((f + len(fixed) * block) * (1 - TARGET) / TARGET / p) + 1
+    b = epochs_per_file
+    bound = math.ceil((f + len(fixed) * block / b) * (1 - TARGET) / TARGET / p) + 1
     if bound > 10**6:  # enough for sure (a file wastes under a block); too long to search
         return bound
     n = np.arange(1, bound + 1)[:, None]
-    alloc = (np.ceil((fixed + rate * n) / block) * block).sum(axis=1)
+    alloc = (np.ceil(b * (fixed + rate * n) / block) * block / b).sum(axis=1)
     over = np.flatnonzero(1 - p * n[:, 0] / alloc >= TARGET)
     return int(over[-1]) + 2 if len(over) else 1
 
@@ -102,7 +108,7 @@ def size_report(cache: Cache, done: np.ndarray | None = None) -> dict[str, Any] 
     ``+ overhead_bytes_per_row`` (the unit files' bytes beyond it) ``+ metadata_bytes_per_row``
     (the arrays' ``zarr.json``). ``overhead_fraction``: overhead / the unit files' bytes.
     ``unit_files``: files of the row arrays; ``overhead_bytes_per_unit``: ``F`` summed over the
-    arrays. ``shard_size_for_10pct_overhead``: samples per shard that bring that share under 10 %.
+    arrays (per unit and epoch). ``shard_size_for_10pct_overhead``: samples per shard that bring that share under 10 %.
     """
     if "://" in cache.path:
         return None
@@ -124,7 +130,7 @@ def size_report(cache: Cache, done: np.ndarray | None = None) -> dict[str, Any] 
         p = min(p, a / rows) if p is not None else a / rows  # overhead is never negative
         payload += p * rows
         if n:
-            fixed.append((a - p * rows) / n)
+            fixed.append((a - p * rows) / len(committed))  # per (epoch, unit) chunk
             rate.append(p)
     files, app, alloc, meta_app, meta_alloc = (int(x) for x in total)
     f, r = np.array(fixed), np.array(rate)
@@ -142,6 +148,8 @@ def size_report(cache: Cache, done: np.ndarray | None = None) -> dict[str, Any] 
         "unit_files": files,
         "overhead_bytes_per_unit": round(float(f.sum()), 1),
         "shard_size_for_10pct_overhead": _shard_size(f, r, None),
-        "shard_size_for_10pct_overhead_on_disk": _shard_size(f, r, block),
+        "shard_size_for_10pct_overhead_on_disk": _shard_size(
+            f, r, block, min(cache.epochs_per_block, cache.epochs)
+        ),
         "bytes_per_row_by_array": by_array,
     }

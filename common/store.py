@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from kdcache import schema
-from kdcache.chunks import ChunkFile
+from kdcache.chunks import ChunkFile, ShardFile, chunk_reader
 from kdcache.data.index import DatasetIndex, Unit
 from kdcache.errors import CacheDamagedError, CacheMismatchError, KdcacheError
 from kdcache.render import InputConvention
@@ -54,7 +54,7 @@ class Cache:
         self.path = str(path)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._chunk_files: dict[str, ChunkFile | None] = {}
+        self._chunk_files: dict[str, ChunkFile | ShardFile | None] = {}
         self._pid = os.getpid()
         self._has_manifest: bool | None = None
         self.meta: dict[str, Any] = dict(self.group.attrs.get(schema.FORMAT_NAME) or {})
@@ -132,10 +132,10 @@ class Cache:
             self._arrays[name] = group[name]
         return self._arrays[name]
 
-    def _chunk_file(self, name: str) -> ChunkFile | None:
+    def _chunk_file(self, name: str) -> ChunkFile | ShardFile | None:
         array = self.array(name)  # first: it forgets the readers after a fork
         if name not in self._chunk_files:
-            self._chunk_files[name] = ChunkFile.of(self.path, array)
+            self._chunk_files[name] = chunk_reader(self.path, array)
         return self._chunk_files[name]
 
     # -- layout ----------------------------------------------------------------------------
@@ -153,6 +153,15 @@ class Cache:
     def epochs(self) -> int:
         """Epochs allocated (complete or not)."""
         return int(self.array(schema.DONE_ARRAY).shape[0])
+
+    @property
+    def epochs_per_block(self) -> int:
+        """B: epochs per block, the epochs one file of a unit holds (1 in caches before blocks)."""
+        return int(self.meta.get("epochs_per_block", 1))
+
+    def block_of(self, epoch: int) -> range:
+        """The allocated epochs of ``epoch``'s block (:func:`kdcache.schema.block_of`)."""
+        return schema.block_of(epoch, self.epochs_per_block, self.epochs)
 
     @property
     def topk(self) -> int:
@@ -231,8 +240,8 @@ class Cache:
     def _read(self, names: tuple[str, ...], epoch: int | None, unit: int) -> dict[str, np.ndarray]:
         """A unit's rows of some arrays (of one epoch, or per-sample when ``epoch`` is None).
 
-        Where the unit is one whole chunk of a local array, the chunk file is read directly
-        (:mod:`kdcache.chunks`, ~10x faster than a zarr call). The other arrays (a URL, a sharded
+        Where the unit is one whole chunk of a local array, the chunk is read directly from its
+        file, or from its block's shard (:mod:`kdcache.chunks`, ~10x faster than a zarr call). The other arrays (a URL, a sharded
         layout) are read through zarr in one round trip, concurrently: on object storage a unit
         then costs one request latency, not one per array. Damage (a failed checksum or
         decompression) becomes a :class:`CacheDamagedError` naming the array either way.

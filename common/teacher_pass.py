@@ -2,10 +2,12 @@
 
 ``kdcache precompute`` runs it (:mod:`kdcache.cache.precompute`), and so does the fixed teacher
 of the training stage (a one-epoch cache of center views), which is why it lives in the core.
-A work unit is one (epoch, unit). DataLoader workers decode and render batches of one work unit
-(batches never straddle units), the main process runs the teacher and keeps the top-k, and a
-background thread writes each finished work unit whole, then marks it done. Re-running the same
-command skips done units; asking for more epochs extends the cache without rewriting it.
+A work unit is one block of a unit: the epochs of one block (``--epochs-per-block``; the epochs
+of it not done yet) of one tar shard. DataLoader workers decode a batch of a unit's images once
+and render every epoch's view of each (batches never straddle units), the main process runs the
+teacher and keeps the top-k, and a background thread writes each finished block whole (one file
+per array), then marks its epochs done. Re-running the same command skips done epochs; asking
+for more epochs extends the cache, rewriting only a block that was cut short, whole.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.lock import output_lock
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
-from kdcache.precompute_config import PrecomputeConfig
+from kdcache.precompute_config import DEFAULT_EPOCHS_PER_BLOCK, PrecomputeConfig
 from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
 from kdcache.runtime import (
     HostCopy,
@@ -40,7 +42,7 @@ from kdcache.runtime import (
 from kdcache.store import Cache, create_cache, open_cache
 from kdcache.unit_writer import UnitWriter
 from kdcache.units import UnitReader, needed_images, row_status
-from kdcache.views import ViewSpec, get_spec, sample_unit_views
+from kdcache.views import Views, ViewSpec, get_spec, sample_unit_views
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,12 @@ def cache_identity(
     return {key: known[key] for key in schema.IDENTITY_KEYS if known.get(key) is not None}
 
 
+Batch = tuple[tuple[int, ...], int, int, int]  # (epochs, unit, lo, hi): rows lo..hi, each epoch
+
+
 class _WorkBatches(Dataset):
-    """Item ``b``: the rendered teacher views of batch ``b`` of the work list."""
+    """Item ``b``: the rendered teacher views of batch ``b`` of the work list, epoch-major
+    (every row's view of the first epoch, then of the next): each image is decoded once."""
 
     def __init__(
         self,
@@ -86,7 +92,7 @@ class _WorkBatches(Dataset):
         spec: ViewSpec,
         plan_seed: int,
         size: int,
-        batches: list[tuple[int, int, int, int]],
+        batches: list[Batch],
         convention: InputConvention,
         labels_rule: int | None,
         strict: bool = False,
@@ -104,58 +110,69 @@ class _WorkBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, b: int) -> dict:
-        epoch, unit, lo, hi = self.batches[b]
+        epochs, unit, lo, hi = self.batches[b]
         if self._reader is None:
             self._reader = UnitReader(
                 self.index, capacity=2, strict=self.strict, max_pixels=self.max_pixels
             )
         u = self.index.units[unit]
         sizes = self.index.size[u.start : u.start + u.count]
-        views = sample_unit_views(self.spec, self.plan_seed, epoch, u.start, sizes).take(
-            slice(lo, hi)
-        )
         rows = np.arange(u.start + lo, u.start + hi)
-        images, failed = self._reader.decode(needed_images(rows, views.partner))
+        views = [
+            sample_unit_views(self.spec, self.plan_seed, e, u.start, sizes).take(slice(lo, hi))
+            for e in epochs
+        ]
+        needed = needed_images(rows, np.concatenate([v.partner for v in views]))
+        images, failed = self._reader.decode(needed)
+        statuses = [self._status(rows, v, failed) for v in views]
+        resample = self.spec.resample("teacher", self.convention.interpolation)
+        pixels = torch.zeros(len(epochs) * len(rows), 3, self.size, self.size)
+        for i, (v, status) in enumerate(zip(views, statuses, strict=True)):
+            good = status == schema.OK
+            if good.any():
+                at = torch.from_numpy(np.flatnonzero(good) + i * len(rows))
+                pixels[at] = render_views(
+                    v.take(good), rows[good], images, self.size, self.convention, resample
+                )
+        return {"batch": b, "views": views, "status": statuses, "pixels": pixels}
+
+    def _status(self, rows: np.ndarray, views: Views, failed: dict[int, int]) -> np.ndarray:
         status = row_status(rows, views.partner, views.box, failed)
         if self.labels_rule is not None:  # a schema-1 cache: its one status, its label rule
             label = self.index.label[rows]
             bad = (status != schema.OK) | (label < 0) | (label >= self.labels_rule)
             status = np.where(bad, schema.BAD_INPUT, schema.OK).astype(np.uint8)
-        good = status == schema.OK
-        pixels = torch.zeros(len(rows), 3, self.size, self.size)
-        if good.any():
-            pixels[torch.from_numpy(good)] = render_views(
-                views.take(good),
-                rows[good],
-                images,
-                self.size,
-                self.convention,
-                self.spec.resample("teacher", self.convention.interpolation),
-            )
-        return {"batch": b, "views": views, "status": status, "pixels": pixels}
+        return status
 
 
 def _work_list(
     cache: Cache, epochs: int, batch_size: int, limit_units: int | None, ranks: Dist | None = None
-) -> list[tuple[int, int, int, int]]:
-    """(epoch, unit, lo, hi) batches of this rank's work units not yet done, epoch-major.
+) -> list[Batch]:
+    """(epochs, unit, lo, hi) batches of this rank's work not yet done, block-major: per block of
+    a unit, its epochs not done, in batches of about ``batch_size`` views (``batch_size //
+    len(epochs)`` rows, at least one).
 
-    Work unit (e, u) belongs to rank ``(e * units + u) % world``: a pure function of the unit,
-    so ranks agree without talking, whenever each of them reads the done marks, and a resumed
-    job may use any number of ranks (the done marks, not the assignment, say what is left).
+    Block b of unit u belongs to rank ``(b * units + u) % world``: a pure function of the block,
+    so ranks agree without talking, whenever each of them reads the done marks, no two ranks
+    ever write one file, and a resumed job may use any number of ranks (the done marks, not the
+    assignment, say what is left). With one epoch per block, blocks are epochs.
     """
     ranks = ranks or Dist()
     done = cache.done_mask()
+    per_block = cache.epochs_per_block
     n_units = len(cache.units) if limit_units is None else min(limit_units, len(cache.units))
     batches = []
-    for epoch in range(epochs):
+    for first in range(0, epochs, per_block):
+        block = range(first, min(first + per_block, epochs))
         for unit in range(n_units):
-            if done[epoch, unit] or (epoch * len(cache.units) + unit) % ranks.world != ranks.rank:
+            if (first // per_block * len(cache.units) + unit) % ranks.world != ranks.rank:
+                continue
+            todo = tuple(e for e in block if not done[e, unit])
+            if not todo:
                 continue
             count = cache.units[unit].count
-            batches += [
-                (epoch, unit, lo, min(lo + batch_size, count)) for lo in range(0, count, batch_size)
-            ]
+            step = max(1, batch_size // len(todo))
+            batches += [(todo, unit, lo, min(lo + step, count)) for lo in range(0, count, step)]
     return batches
 
 
@@ -187,8 +204,16 @@ def _open_or_create(
     if cache is None:
         meta = {**identity, **meta_extra, "data": index.describe()}
         samples = {"key_hash": index.key_hash, "label": index.label, "size": index.size}
-        return create_cache(cfg.out, meta, samples, cfg.epochs, cfg.chunk_rows)
+        per_block = cfg.epochs_per_block or DEFAULT_EPOCHS_PER_BLOCK
+        return create_cache(cfg.out, meta, samples, cfg.epochs, cfg.chunk_rows, per_block)
     cache.check_identity(identity, what="this precompute job")
+    if cfg.epochs_per_block not in (None, cache.epochs_per_block):
+        log.warning(
+            "--epochs-per-block %d: %s keeps its own layout of %d epochs per block",
+            cfg.epochs_per_block,
+            cfg.out,
+            cache.epochs_per_block,
+        )
     cache.extend(cfg.epochs)
     return cache
 
@@ -272,14 +297,15 @@ def _precompute(
         holding = sum(1 for u in index.units if u.start < cfg.limit)
         limit_units = holding if limit_units is None else min(limit_units, holding)
     batches = _work_list(cache, cfg.epochs, cfg.batch_size, limit_units, ranks)
-    total = sum(hi - lo for _, _, lo, hi in batches)
+    total = sum((hi - lo) * len(epochs) for epochs, _, lo, hi in batches)
     if progress:
         progress(0, total=total)
     log.info(
-        "precompute: %d images to do in %d batches (%d epochs, %d units)",
+        "precompute: %d views to do in %d batches (%d epochs in blocks of %d, %d units)",
         total,
         len(batches),
         cfg.epochs,
+        cache.epochs_per_block,
         len(cache.units),
     )
     started = time.perf_counter()
@@ -339,32 +365,40 @@ def _run(
         pin_memory=device.type == "cuda",
         **loader_kwargs(cfg.workers),
     )
-    pending: dict[tuple[int, int], list] = {}
+    pending: dict[int, dict[int, list]] = {}  # unit -> epoch -> its finished batches
     stats: dict = {"bad": {}, "units": 0}
 
     def finish(item: dict, host: HostCopy) -> None:
-        epoch, unit, lo, hi = batches[item["batch"]]
-        bad = item["status"] != schema.OK
-        if cfg.strict and bad.any():
-            at = int(np.flatnonzero(bad)[0])
-            first = index.units[unit].start + lo + at
-            raise KdcacheError(
-                f"--strict: {int(bad.sum())} unusable rows in shard {index.units[unit].name} "
-                f"(first: sample {first}, position {lo + at}: "
-                f"{schema.STATUS_NAMES[int(item['status'][at])]}); fix the data or drop --strict "
-                "to mark them bad and skip them"
-            )
-        parts = pending.setdefault((epoch, unit), [])
-        parts.append((lo, item["views"], item["status"], host.numpy()))
-        if hi == cache.units[unit].count:
-            rows = _assemble(pending.pop((epoch, unit)))
-            writer.submit(epoch, unit, rows)
-            for reason, count in zip(*np.unique(rows["status"], return_counts=True), strict=True):
-                if reason != schema.OK:
-                    stats["bad"][int(reason)] = stats["bad"].get(int(reason), 0) + int(count)
-            stats["units"] += 1
+        epochs, unit, lo, hi = batches[item["batch"]]
+        top = host.numpy()
+        parts = pending.setdefault(unit, {})
+        for i, (epoch, views, status) in enumerate(
+            zip(epochs, item["views"], item["status"], strict=True)
+        ):
+            bad = status != schema.OK
+            if cfg.strict and bad.any():
+                at = int(np.flatnonzero(bad)[0])
+                first = index.units[unit].start + lo + at
+                raise KdcacheError(
+                    f"--strict: {int(bad.sum())} unusable rows in shard "
+                    f"{index.units[unit].name} (first: sample {first}, position {lo + at}: "
+                    f"{schema.STATUS_NAMES[int(status[at])]}); fix the data or drop --strict "
+                    "to mark them bad and skip them"
+                )
+            mine = slice(i * (hi - lo), (i + 1) * (hi - lo))
+            rows = {name: values[mine] for name, values in top.items()}
+            parts.setdefault(epoch, []).append((lo, views, status, rows))
+        if hi == cache.units[unit].count:  # the block's last batch: write it whole
+            block = {e: _assemble(p) for e, p in pending.pop(unit).items()}
+            writer.submit(unit, block)
+            for rows in block.values():
+                values, counts = np.unique(rows["status"], return_counts=True)
+                for reason, count in zip(values, counts, strict=True):
+                    if reason != schema.OK:
+                        stats["bad"][int(reason)] = stats["bad"].get(int(reason), 0) + int(count)
+                stats["units"] += 1
         if progress:
-            progress(hi - lo)
+            progress((hi - lo) * len(epochs))
 
     # Batch b's top-k is copied to the host while batch b+1 runs on the device: the teacher
     # is given its next batch before anyone waits on the previous copy.

@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class UnitWriter:
-    """Writes finished work units from a thread; a bounded queue applies back-pressure.
+    """Writes finished blocks of units from a thread; a bounded queue applies back-pressure.
 
-    Use as a context manager: leaving the block waits for every submitted unit to be committed
+    Use as a context manager: leaving the block waits for every submitted block to be committed
     and re-raises the first write error in the caller's thread.
     """
 
@@ -31,18 +31,19 @@ class UnitWriter:
         self._thread.start()
         return self
 
-    def submit(self, epoch: int, unit: int, rows: dict[str, np.ndarray]) -> None:
-        """Queue one work unit (every row field, (count, ...))."""
+    def submit(self, unit: int, block: dict[int, dict[str, np.ndarray]]) -> None:
+        """Queue one block of a unit: ``{epoch: rows}`` (every row field, (count, ...)), the
+        block's epochs not done yet (:meth:`CacheWriter.write_block`)."""
         self._raise_if_failed()
-        self._queue.put((epoch, unit, rows))
+        self._queue.put((unit, block))
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
-                epoch, unit, rows = item
+                unit, block = item
                 try:
-                    self.cache.write_unit(epoch, unit, rows)
-                    log.debug("committed epoch %d unit %d", epoch, unit)
+                    self.cache.write_block(unit, block)
+                    log.debug("committed unit %d epochs %s", unit, sorted(block))
                 except BaseException as e:  # surfaced in the main thread
                     self._error = e
 

@@ -8,9 +8,11 @@ kdcache was measured with zarr 3.1 (pyproject caps it there). Outside the docume
 - ``Array.async_array`` and ``AsyncArray.getitem`` / ``setitem`` (the coroutines ``sync``
   runs) and ``AsyncArray.basename``;
 - the codec classes of ``zarr.codecs`` (``BloscCodec``, ``BytesCodec`` and its ``endian``,
-  ``Crc32cCodec``) and, on an array's ``metadata``, ``zarr_format``, ``codecs`` and
-  ``chunk_key_encoding.encode_chunk_key``: the direct chunk reader (:mod:`kdcache.chunks`)
-  reads a chunk's file only when these say it is exactly the layout it decodes.
+  ``Crc32cCodec``, and ``ShardingCodec`` with its ``chunk_shape``, ``codecs``,
+  ``index_codecs`` and ``index_location``) and, on an array, ``shards`` and on its
+  ``metadata``, ``zarr_format``, ``codecs`` and ``chunk_key_encoding.encode_chunk_key``: the
+  direct chunk readers (:mod:`kdcache.chunks`) read a file only when these say it is exactly the
+  layout they decode.
 
 Importing this module checks that they exist: a zarr without one raises a
 :class:`~kdcache.errors.KdcacheError` naming it; another series than 3.1 that has them all
@@ -49,9 +51,11 @@ try:
 except ImportError as e:
     raise _missing("zarr.core.sync.sync", e) from None
 try:
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 except ImportError as e:
-    raise _missing("the codecs zarr.codecs.BloscCodec, BytesCodec, Crc32cCodec", e) from None
+    raise _missing(
+        "the codecs zarr.codecs.BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec", e
+    ) from None
 
 
 def check(version: str = zarr.__version__) -> None:
@@ -75,4 +79,12 @@ def check(version: str = zarr.__version__) -> None:
 
 check()
 
-__all__ = ["MEASURED", "BloscCodec", "BytesCodec", "Crc32cCodec", "check", "sync"]
+__all__ = [
+    "MEASURED",
+    "BloscCodec",
+    "BytesCodec",
+    "Crc32cCodec",
+    "ShardingCodec",
+    "check",
+    "sync",
+]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from kdcache.cache import PrecomputeConfig, precompute
 from kdcache.cli.shards import ShardWriter
+from kdcache.store import open_cache
 
 NUM_CLASSES = 10
 TEACHER = "kdcache:tiny_cnn"
@@ -93,6 +94,9 @@ def cache_config(data: str, out: str, **kw) -> PrecomputeConfig:
         batch_size=8,
         views="function_matching",
         command="pytest",
+        # One epoch per block: a file per (epoch, unit), which the damage tests aim at; the
+        # block layout has its own tests (test_blocks.py, test_faults.py).
+        epochs_per_block=1,
     )
     opts.update(kw)
     return PrecomputeConfig(**opts)
@@ -109,8 +113,12 @@ def tiny_cache(tmp_path_factory, train_dir) -> str:
 
 
 def chunk_file(cache: str, array: str, epoch: int | None, unit: int) -> str:
-    """The file holding one (epoch, unit) of an array (a chunk, or a shard of chunks)."""
-    parts = [cache, array, "c"] + ([str(epoch)] if epoch is not None else []) + [str(unit)]
+    """The file holding one (epoch, unit) of an array (a chunk, or a shard of chunks: in a cache
+    of epoch blocks, the shard of the epoch's block)."""
+    block = epoch
+    if epoch is not None:
+        block = epoch // open_cache(cache).epochs_per_block
+    parts = [cache, array, "c"] + ([str(block)] if block is not None else []) + [str(unit)]
     path = os.path.join(*parts)
     while os.path.isdir(path):  # trailing dimensions add "/0"
         path = os.path.join(path, "0")

@@ -241,16 +241,16 @@ def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypa
     from kdcache.cache_writer import CacheWriter
 
     out = str(tmp_path / "c.zarr")
-    real = CacheWriter.write_unit
+    real = CacheWriter.write_block
     calls = {"n": 0}
 
-    def full_after_two(self, epoch, unit, rows):
+    def full_after_two(self, unit, epochs):
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device", out)
-        real(self, epoch, unit, rows)
+        real(self, unit, epochs)
 
-    monkeypatch.setattr(CacheWriter, "write_unit", full_after_two)
+    monkeypatch.setattr(CacheWriter, "write_block", full_after_two)
     argv = (
         "precompute",
         "--data",
@@ -272,7 +272,7 @@ def test_full_disk_is_one_line_and_the_job_resumes(tmp_path, train_dir, monkeypa
     )
     code, _, stderr = run_cli(*argv)
     assert code == 2 and "No space left on device" in stderr and "Traceback" not in stderr
-    assert open_cache(out).done_mask().sum() == 2
-    monkeypatch.setattr(CacheWriter, "write_unit", real)
+    assert open_cache(out).done_mask().sum() == 4  # two blocks (units) of both epochs
+    monkeypatch.setattr(CacheWriter, "write_block", real)
     code, _, _ = run_cli(*argv)
     assert code == 0 and open_cache(out).done_mask().all()

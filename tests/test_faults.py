@@ -2,7 +2,8 @@
 
 The kill points are deterministic (``KDCACHE_FAULT``, see ``kdcache.faults``), so these tests are
 neither flaky nor slow. After the re-run every array must be byte-identical to an uninterrupted
-job's.
+job's. Each runs with one epoch per block (a file per (epoch, unit)) and with two (a shard per
+(block, unit), written whole: the 2-epoch job is one block per unit).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ pytestmark = pytest.mark.faults
 
 
 def run_precompute(
-    train_dir: str, out: str, epochs: int, fault: str | None = None, sig: str | None = None
+    train_dir: str,
+    out: str,
+    epochs: int,
+    fault: str | None = None,
+    sig: str | None = None,
+    per_block: int = 1,
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -47,6 +53,8 @@ def run_precompute(
         "cpu",
         "--batch-size",
         "4",
+        "--epochs-per-block",
+        str(per_block),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KDCACHE_FAULT")}
     env["OMP_NUM_THREADS"] = "1"
@@ -57,9 +65,12 @@ def run_precompute(
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
-def rerun(train_dir: str, out: str, epochs: int) -> None:
+def rerun(train_dir: str, out: str, epochs: int, per_block: int = 1) -> None:
     """The same command again, in-process (only the killed run needs its own process)."""
-    precompute(cache_config(train_dir, out, epochs=epochs, batch_size=4, command="rerun"))
+    cfg = cache_config(
+        train_dir, out, epochs=epochs, batch_size=4, command="rerun", epochs_per_block=per_block
+    )
+    precompute(cfg)
 
 
 def arrays(path: str) -> dict[str, np.ndarray]:
@@ -69,7 +80,8 @@ def arrays(path: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, train_dir) -> dict[int, dict[str, np.ndarray]]:
-    """Uninterrupted caches of 1 and 2 epochs, made with the CLI's settings."""
+    """Uninterrupted caches of 1 and 2 epochs, made with the CLI's settings (one epoch per
+    block: the arrays read the same whatever the block size, and test_blocks.py checks it)."""
     out = {}
     for epochs in (1, 2):
         path = str(tmp_path_factory.mktemp("ref") / "c.zarr")
@@ -79,29 +91,54 @@ def reference(tmp_path_factory, train_dir) -> dict[int, dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize(
-    "fault",
-    ["group", "create", "batch:3", "write:5", "commit:2", "committed:4"],
+    "fault, per_block",
+    [("group", 1), ("create", 1)]  # before any block is written
+    + [(f, b) for f in ("batch:3", "write:5", "commit:2", "committed:2") for b in (1, 2)],
 )
-def test_sigkill_then_rerun_gives_the_same_bytes(fault, tmp_path, train_dir, reference):
+def test_sigkill_then_rerun_gives_the_same_bytes(fault, per_block, tmp_path, train_dir, reference):
     out = str(tmp_path / "c.zarr")
-    killed = run_precompute(train_dir, out, epochs=2, fault=fault)
+    killed = run_precompute(train_dir, out, epochs=2, fault=fault, per_block=per_block)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     if os.path.exists(os.path.join(out, "zarr.json")) and fault not in ("group", "create"):
         done = open_cache(out).done_mask()
         assert not done.all()  # the kill really left work undone
-    rerun(train_dir, out, epochs=2)
+        assert open_cache(out).epochs_per_block == per_block
+    rerun(train_dir, out, epochs=2, per_block=per_block)
     got = arrays(out)
     assert got.keys() == reference[2].keys()
     for name, want in reference[2].items():
         assert np.array_equal(got[name], want), name
 
 
-def test_sigkill_while_extending(tmp_path, train_dir, reference):
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_sigkill_while_extending(per_block, tmp_path, train_dir, reference):
     out = str(tmp_path / "c.zarr")
-    rerun(train_dir, out, epochs=1)
-    killed = run_precompute(train_dir, out, epochs=2, fault="extend:3")
+    rerun(train_dir, out, epochs=1, per_block=per_block)
+    killed = run_precompute(train_dir, out, epochs=2, fault="extend:3", per_block=per_block)
     assert killed.returncode == -signal.SIGKILL
-    rerun(train_dir, out, epochs=2)
+    rerun(train_dir, out, epochs=2, per_block=per_block)
+    got = arrays(out)
+    for name, want in reference[2].items():
+        assert np.array_equal(got[name], want), name
+
+
+@pytest.mark.parametrize("fault", ["write:5", "commit:2", "committed:1"])
+def test_sigkill_while_rewriting_a_block_cut_short(fault, tmp_path, train_dir, reference):
+    """A 1-epoch cache of 2-epoch blocks, extended to 2: each unit's block is rewritten whole
+    (epoch 0 read back, epoch 1 new). Killed mid-way, epoch 0 still reads as committed, and the
+    rerun finishes the same bytes."""
+    out = str(tmp_path / "c.zarr")
+    rerun(train_dir, out, epochs=1, per_block=2)
+    killed = run_precompute(train_dir, out, epochs=2, fault=fault, per_block=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cache = open_cache(out)
+    assert cache.done_mask()[0].all() and not cache.done_mask()[1].all()
+    for unit in range(len(cache.units)):
+        got = cache.read_unit(0, unit)  # checked against its manifest cell
+        for name, values in got.items():
+            want = reference[1][name][0, cache.unit_rows(unit)]
+            assert np.array_equal(values, want), (name, unit)
+    rerun(train_dir, out, epochs=2, per_block=2)
     got = arrays(out)
     for name, want in reference[2].items():
         assert np.array_equal(got[name], want), name
