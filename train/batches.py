@@ -43,6 +43,10 @@ class EpochData:
     cache: Cache | None = None  # cached mode: views and targets from here
     cache_epoch: int = 0
     reuse_epochs: tuple[int, ...] = ()  # --reuse sample: each sample replays one of these
+    # --views-per-decode: each row's student epoch, per batch (None: every row is at ``epoch``),
+    # and the cache epochs that student epoch e replays: cache_cycle[e % len] (--reuse cycle)
+    row_epochs: list[np.ndarray] | None = None
+    cache_cycle: tuple[int, ...] = ()
     teacher_image_size: int | None = None  # online: also render the teacher's input
     target_cache: Cache | None = None  # fixed mode: targets of each sample from its epoch 0
     teacher_stream: int | None = None  # independent mode: the teacher's own views
@@ -64,7 +68,12 @@ class TrainBatches(Dataset):
     def __init__(self, epoch: EpochData):
         self.s = epoch
         self._reader: UnitReader | None = None
-        self._units: OrderedDict[int, tuple] = OrderedDict()
+        self._units: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        spread = 1
+        if epoch.row_epochs:  # the epochs of a pass: a unit's view tables of each are kept
+            every = np.concatenate(epoch.row_epochs)
+            spread = int(every.max() - every.min()) + 1 if len(every) else 1
+        self._kept = _UNITS_KEPT * spread
 
     def __len__(self) -> int:
         return len(self.s.batches)
@@ -76,7 +85,12 @@ class TrainBatches(Dataset):
                 s.index, capacity=8, strict=s.strict, max_pixels=s.max_image_pixels
             )
         rows = np.asarray(s.batches[b], dtype=np.int64)
-        views, ok, targets, teacher_views = self._gather(rows)
+        epochs = (
+            np.full(len(rows), s.epoch, dtype=np.int64)
+            if s.row_epochs is None
+            else np.asarray(s.row_epochs[b], dtype=np.int64)
+        )
+        views, ok, targets, teacher_views = self._gather(rows, epochs)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))
         if failed:  # precompute's rule (row_status); without failures it changes nothing here
             ok &= row_status(rows, views.partner, views.box, failed) == schema.OK
@@ -125,13 +139,14 @@ class TrainBatches(Dataset):
         return item
 
     def _gather(
-        self, rows: np.ndarray
+        self, rows: np.ndarray, epochs: np.ndarray
     ) -> tuple[Views, np.ndarray, dict[str, np.ndarray], Views | None]:
-        """Views, usable mask, cached targets and teacher views of ``rows``, from their units."""
+        """Views, usable mask, cached targets and teacher views of ``rows`` at their student
+        ``epochs``, from their units' tables."""
         index = self.s.index
         units = index.units_of(rows)
         local = rows - np.array([index.units[u].start for u in units], dtype=np.int64)
-        parts = [self._unit(int(u)) for u in units]
+        parts = [self._unit(int(u), int(e)) for u, e in zip(units, epochs, strict=True)]
 
         def pick(k: int, name: str) -> np.ndarray:
             return np.stack([getattr(p[k], name)[j] for p, j in zip(parts, local, strict=True)])
@@ -160,18 +175,22 @@ class TrainBatches(Dataset):
             teacher_views = gather(3)
         return views, ok, targets, teacher_views
 
-    def _unit(self, unit: int) -> tuple[Views, np.ndarray, dict, Views | None]:
-        """(student views, usable mask, cached targets, teacher's own views) of one unit."""
-        if unit not in self._units:
+    def _unit(self, unit: int, epoch: int) -> tuple[Views, np.ndarray, dict, Views | None]:
+        """(student views, usable mask, cached targets, teacher's own views) of one unit at
+        student epoch ``epoch``."""
+        key = (unit, epoch)
+        if key not in self._units:
             s = self.s
             if s.cache is not None and s.reuse_epochs:
                 views, ok, targets = sampled_unit_views(
-                    s.cache, s.index, unit, s.epoch, s.reuse_epochs
+                    s.cache, s.index, unit, epoch, s.reuse_epochs
                 )
             elif s.cache is not None:
-                views, ok, targets = cached_unit_views(s.cache, s.index, unit, s.cache_epoch)
+                cache_epoch = s.cache_cycle[epoch % len(s.cache_cycle)] if s.cache_cycle else None
+                cache_epoch = s.cache_epoch if cache_epoch is None else cache_epoch
+                views, ok, targets = cached_unit_views(s.cache, s.index, unit, cache_epoch)
             else:
-                views, ok = fresh_unit_views(s.index, unit, s.spec, s.plan_seed, s.epoch)
+                views, ok = fresh_unit_views(s.index, unit, s.spec, s.plan_seed, epoch)
                 targets = {}
             if s.target_cache is not None:
                 _, cached_ok, targets = cached_unit_views(s.target_cache, s.index, unit, 0)
@@ -179,12 +198,14 @@ class TrainBatches(Dataset):
             teacher_views = None
             if s.teacher_stream is not None:
                 teacher_views, _ = fresh_unit_views(
-                    s.index, unit, s.spec, s.plan_seed, s.epoch, s.teacher_stream
+                    s.index, unit, s.spec, s.plan_seed, epoch, s.teacher_stream
                 )
-            self._units[unit] = (views, ok, targets, teacher_views)
-            while len(self._units) > _UNITS_KEPT:
+            self._units[key] = (views, ok, targets, teacher_views)
+            while len(self._units) > self._kept:
                 self._units.popitem(last=False)
-        return self._units[unit]
+        else:
+            self._units.move_to_end(key)
+        return self._units[key]
 
 
 class PackedBatches(Dataset):

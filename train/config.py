@@ -133,6 +133,14 @@ class TrainConfig:
         choices=("cycle", "sample"),
         group=VIEWS,
     )
+    views_per_decode: int = option(
+        1,
+        help="train V epochs' views of each image from one decode: epochs go in passes of V, "
+        "each image's V views (cached ones from one epoch block) fall together in the stream, "
+        "and every view is still trained once per V epochs (FKD trains 4 per decode)",
+        metavar="V",
+        group=VIEWS,
+    )
     cache_limit: int | None = option(
         None,
         help="cached mode: replay only the first N complete epochs of the --cache (a cache of "
@@ -261,6 +269,7 @@ class TrainConfig:
                 ("num_classes", self.num_classes, 2),
                 ("window", self.window, 1),
                 ("eval_every", self.eval_every, 1),
+                ("views_per_decode", self.views_per_decode, 1),
                 ("cache_epochs", self.cache_limit, 1),
                 ("max_image_pixels", self.max_image_pixels, 1),
                 ("seed", self.seed, 0),

@@ -1,5 +1,8 @@
 """Which rows a rank trains on, in what order: a pure function of (seed, epoch, world, rank).
 
+With ``--views-per-decode V`` the unit is a pass of V epochs (:func:`pass_batches`): the order
+of its first epoch, each sample V times in a row.
+
 Units are permuted per epoch, then rows are permuted inside windows of a few units (a shuffle
 buffer across units that still lets a worker read each unit's tar and cache rows once). The
 epoch's order is padded by wrapping around to a multiple of the global batch, so every rank takes
@@ -44,3 +47,21 @@ def rank_batches(
     # Step s of every rank takes a contiguous slice of global batch s: ranks read nearby rows.
     batches = padded.reshape(steps, world, per_rank)[:, rank]
     return list(batches)
+
+
+def pass_batches(
+    order: np.ndarray, epoch: int, views: int, batch_size: int, world: int = 1, rank: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """One pass's batches for this rank: (global sample indices, their student epochs).
+
+    One epoch (``views`` 1): the epoch's order in batches, and None (every row is at
+    ``epoch``). A pass of V epochs: each sample of the order, V times in a row, at epochs
+    ``epoch`` .. ``epoch + V - 1``: one decode of an image serves its V views, every view of
+    the V epochs is trained once, and the order is a function of (seed, pass, world, rank).
+    """
+    if views == 1:
+        return rank_batches(order, batch_size, world, rank), None
+    entries = rank_batches(np.arange(len(order) * views), batch_size, world, rank)
+    rows = [order[e // views] for e in entries]
+    epochs = [epoch + e % views for e in entries]
+    return rows, epochs

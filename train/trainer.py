@@ -42,7 +42,7 @@ from kdcache.train.batches import EpochData, PackedBatches, TrainBatches, unpack
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
-from kdcache.train.order import epoch_order, rank_batches
+from kdcache.train.order import epoch_order, pass_batches
 from kdcache.train.step import student_pixels, train_step, zero_pixels
 from kdcache.views import ViewSpec, get_spec
 
@@ -346,6 +346,7 @@ RUN_OPTIONS = (
     "max_image_pixels",
     "reuse",
     "cache_limit",
+    "views_per_decode",
 )
 
 
@@ -516,7 +517,7 @@ def _fit(
     samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
     steps_per_epoch = -(-samples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), _total_steps(cfg, samples))
     )
     pos = _resume(cfg, bare, optimizer, schedule, ranks)
     fresh = (pos.epoch, pos.step) == (0, 0)
@@ -532,11 +533,14 @@ def _fit(
     while pos.epoch < cfg.epochs:
         epoch_started = time.perf_counter()
         epoch = pos.epoch
-        metrics = _train_epoch(cfg, run, learner, pos, on_step, save)
+        views = _pass_length(cfg, epoch)
+        metrics = _train_epoch(cfg, run, learner, pos, views, on_step, save)
+        end = epoch + views  # epochs done after this pass (one epoch without --views-per-decode)
         # Every --eval-every epochs and after the last (the same on every rank: evaluate is
-        # collective under torchrun); the other epochs record no val figures.
+        # collective under torchrun); the other epochs record no val figures. A pass of V
+        # epochs is evaluated when it reaches or crosses a multiple of --eval-every.
         metrics["val_accuracy"] = None
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if end // cfg.eval_every > epoch // cfg.eval_every or end == cfg.epochs:
             scores = evaluate(
                 bare,
                 run.val,
@@ -553,13 +557,13 @@ def _fit(
             )
             metrics["val_accuracy"] = scores.pop("accuracy")
             metrics.update(scores)
-        metrics = {"epoch": epoch + 1, **metrics}
+        metrics = {"epoch": end, **metrics}
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started  # train + eval
-        pos = _Position(epoch + 1)
+        pos = _Position(end)
         save.epoch_end(metrics, pos)
         log.info(
             "epoch %d/%d  loss %.4f  val acc %s%s  %.0f img/s%s",
-            epoch + 1,
+            end,
             cfg.epochs,
             metrics["train_loss"],
             "n/a" if metrics["val_accuracy"] is None else f"{metrics['val_accuracy']:.4f}",
@@ -727,15 +731,29 @@ class _Learner:
     device: torch.device
 
 
+def _pass_length(cfg: TrainConfig, epoch: int) -> int:
+    """Epochs in the pass that starts at ``epoch``: ``--views-per-decode``, or what is left."""
+    return min(cfg.views_per_decode, cfg.epochs - epoch)
+
+
+def _total_steps(cfg: TrainConfig, samples: int) -> int:
+    """Optimizer steps of the whole run: per pass, its V epochs' views in global batches."""
+    v = cfg.views_per_decode
+    passes = [min(v, cfg.epochs - e) for e in range(0, cfg.epochs, v)]
+    return sum(-(-samples * n // cfg.batch_size) for n in passes)
+
+
 def _train_epoch(
     cfg: TrainConfig,
     run: _Run,
     learner: _Learner,
     pos: _Position,
+    views: int,
     on_step: StepHook | None,
     save: _Saver,
 ) -> dict[str, Any]:
-    """Train the rest of epoch ``pos.epoch`` from step ``pos.step``; its metrics (all ranks)."""
+    """Train the rest of the pass of ``views`` epochs from epoch ``pos.epoch``, from step
+    ``pos.step``; its metrics (all ranks)."""
     ranks, epoch = save.ranks, pos.epoch
     student, optimizer, schedule, device = (
         learner.module,
@@ -746,13 +764,13 @@ def _train_epoch(
     order = epoch_order(run.index.counts, cfg.seed, epoch, cfg.window)
     if cfg.limit is not None:
         order = order[order < cfg.limit]
-    batches = rank_batches(order, cfg.batch_size, ranks.world, ranks.rank)
+    batches, row_epochs = pass_batches(order, epoch, views, cfg.batch_size, ranks.world, ranks.rank)
     cache_epoch = run.cache_epochs[epoch % len(run.cache_epochs)] if run.cache_epochs else 0
     mode = run.mode
     sampled = cfg.reuse == "sample" and mode.replays_cache_views
     epoch_data = EpochData(
         run.index,
-        batches[pos.step :],  # a resumed epoch skips straight to its step: order is a function
+        batches[pos.step :],  # a resumed pass skips straight to its step: order is a function
         epoch,
         run.image_size,
         run.spec,
@@ -760,6 +778,8 @@ def _train_epoch(
         cache=run.cache if mode.replays_cache_views else None,
         cache_epoch=cache_epoch,
         reuse_epochs=tuple(run.cache_epochs) if sampled else (),
+        row_epochs=None if row_epochs is None else row_epochs[pos.step :],
+        cache_cycle=tuple(run.cache_epochs) if row_epochs is not None else (),
         teacher_image_size=run.teacher_image_size if mode.runs_teacher else None,
         target_cache=run.cache if mode.needs_center_cache else None,
         teacher_stream=mode.teacher_stream,
@@ -838,7 +858,10 @@ def _train_epoch(
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
         "skipped_rows": int(skipped),
-        "cache_epoch": cache_epoch if run.cache is not None and not sampled else None,
+        # the cache epoch replayed (one epoch per pass and --reuse cycle; else several)
+        "cache_epoch": cache_epoch
+        if run.cache is not None and not sampled and views == 1
+        else None,
         "lr": schedule.get_last_lr()[0],
     }
 
