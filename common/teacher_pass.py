@@ -105,9 +105,23 @@ class _WorkBatches(Dataset):
         self.strict = strict  # a shard cut short: an error, not a warning
         self.max_pixels = max_pixels
         self._reader: UnitReader | None = None
+        self._views: dict[tuple[int, int], Views] = {}  # (unit, epoch): the unit's whole table
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def _unit_views(self, unit: int, epoch: int) -> Views:
+        """The views of a whole unit at ``epoch``, made once for all of the block's batches
+        (a batch of a B-epoch block holds 1/B of the rows an epoch's batch would)."""
+        if (unit, epoch) not in self._views:
+            if any(u != unit for u, _ in self._views):  # the work moved on to another unit
+                self._views.clear()
+            u = self.index.units[unit]
+            sizes = self.index.size[u.start : u.start + u.count]
+            self._views[unit, epoch] = sample_unit_views(
+                self.spec, self.plan_seed, epoch, u.start, sizes
+            )
+        return self._views[unit, epoch]
 
     def __getitem__(self, b: int) -> dict:
         epochs, unit, lo, hi = self.batches[b]
@@ -116,25 +130,25 @@ class _WorkBatches(Dataset):
                 self.index, capacity=2, strict=self.strict, max_pixels=self.max_pixels
             )
         u = self.index.units[unit]
-        sizes = self.index.size[u.start : u.start + u.count]
         rows = np.arange(u.start + lo, u.start + hi)
-        views = [
-            sample_unit_views(self.spec, self.plan_seed, e, u.start, sizes).take(slice(lo, hi))
-            for e in epochs
-        ]
-        needed = needed_images(rows, np.concatenate([v.partner for v in views]))
-        images, failed = self._reader.decode(needed)
-        statuses = [self._status(rows, v, failed) for v in views]
-        resample = self.spec.resample("teacher", self.convention.interpolation)
-        pixels = torch.zeros(len(epochs) * len(rows), 3, self.size, self.size)
-        for i, (v, status) in enumerate(zip(views, statuses, strict=True)):
-            good = status == schema.OK
-            if good.any():
-                at = torch.from_numpy(np.flatnonzero(good) + i * len(rows))
-                pixels[at] = render_views(
-                    v.take(good), rows[good], images, self.size, self.convention, resample
-                )
-        return {"batch": b, "views": views, "status": statuses, "pixels": pixels}
+        # Epoch-major: the rows' views of the first epoch, then of the next. One decode of each
+        # image, and one status and one render call for the batch, as with a single epoch.
+        views = Views.concat([self._unit_views(unit, e).take(slice(lo, hi)) for e in epochs])
+        every = np.tile(rows, len(epochs))
+        images, failed = self._reader.decode(needed_images(rows, views.partner))
+        status = self._status(every, views, failed)
+        good = status == schema.OK
+        pixels = torch.zeros(len(every), 3, self.size, self.size)
+        if good.any():
+            resample = self.spec.resample("teacher", self.convention.interpolation)
+            rendered = render_views(
+                views.take(good), every[good], images, self.size, self.convention, resample
+            )
+            if good.all():
+                pixels = rendered
+            else:
+                pixels[torch.from_numpy(good)] = rendered
+        return {"batch": b, "views": views, "status": status, "pixels": pixels}
 
     def _status(self, rows: np.ndarray, views: Views, failed: dict[int, int]) -> np.ndarray:
         status = row_status(rows, views.partner, views.box, failed)
@@ -372,9 +386,10 @@ def _run(
         epochs, unit, lo, hi = batches[item["batch"]]
         top = host.numpy()
         parts = pending.setdefault(unit, {})
-        for i, (epoch, views, status) in enumerate(
-            zip(epochs, item["views"], item["status"], strict=True)
-        ):
+        n = hi - lo
+        for i, epoch in enumerate(epochs):
+            mine = slice(i * n, (i + 1) * n)
+            views, status = item["views"].take(mine), item["status"][mine]
             bad = status != schema.OK
             if cfg.strict and bad.any():
                 at = int(np.flatnonzero(bad)[0])
@@ -385,7 +400,6 @@ def _run(
                     f"{schema.STATUS_NAMES[int(status[at])]}); fix the data or drop --strict "
                     "to mark them bad and skip them"
                 )
-            mine = slice(i * (hi - lo), (i + 1) * (hi - lo))
             rows = {name: values[mine] for name, values in top.items()}
             parts.setdefault(epoch, []).append((lo, views, status, rows))
         if hi == cache.units[unit].count:  # the block's last batch: write it whole

@@ -279,6 +279,13 @@ class Views:
         arrays = {name: getattr(self, name)[rows] for name in BASE_FIELDS}
         return Views(**arrays, ops={k: v[rows] for k, v in self.ops.items()}, spec=self.spec)
 
+    @staticmethod
+    def concat(parts: list[Views]) -> Views:
+        """The rows of ``parts`` one after the other (views of one spec)."""
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts]) for name in BASE_FIELDS}
+        ops = {k: np.concatenate([p.ops[k] for p in parts]) for k in parts[0].ops}
+        return Views(**arrays, ops=ops, spec=parts[0].spec)
+
     def params(
         self, row: int, position: int, partner: bool = False, spec: ViewSpec | None = None
     ) -> dict[str, Any]:

@@ -214,14 +214,9 @@ def epoch_batches(index, cfg, epoch: int) -> list[np.ndarray]:
 
 
 def _stack_views(parts: list):
-    from kdcache import schema
     from kdcache.views import Views
 
-    return Views(
-        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in schema.VIEW_FIELDS},
-        ops={k: np.concatenate([p.ops[k] for p in parts]) for k in parts[0].ops},
-        spec=parts[0].spec,
-    )
+    return Views.concat(parts)
 
 
 def fresh_views(index, rows, preset: str, plan_seed: int, epoch: int, stream: int = 0):

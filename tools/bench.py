@@ -1,6 +1,6 @@
 """kdcache's speed and size benchmark: ratios measured side by side in one run.
 
-    python tools/bench.py [--device cpu|cuda] [--json]          # ~12 min on 2 CPU cores
+    python tools/bench.py [--device cpu|cuda] [--json]          # ~20 min on 2 CPU cores
 
 It writes synthetic ImageNet-like JPEG shards (about 400x350 px, 1000 classes), then runs each
 stage in its own process (so its peak host memory is its own), the timed ones in interleaved
@@ -21,6 +21,13 @@ rounds keeping each figure's best round, and reports:
 - view ops: render time per image of the default preset and with randaugment(2, 9), with
   erase(p=0.25) and with both (arms alternating batch by batch), and bytes per row of that
   full pipeline beside function matching's;
+- epoch blocks: precompute images/s of 16 epochs of a 768-image set with 1, 4 and 16 epochs
+  per block (precompute_cheap_bB_vs_b1_ratio with a cheap teacher, so the decoding a block
+  saves shows; precompute_bB_vs_b1_ratio with the bench's teacher on 256 of the images); the
+  files and bytes per row of the B = 1 and B = 16 caches;
+- views per decode: cached training images/s at --views-per-decode 1, 2, 4 over hard-label
+  training of the same student on that set (train_cached_vV_vs_hard_ratio, and
+  train_cheap_... with kdcache:tiny_cnn as the student; goal above 1.0);
 - peak_rss_mb of each stage.
 
 Absolute seconds depend on the machine and on what else runs on it; compare the ratios.
@@ -217,6 +224,104 @@ def stage_precompute(c: dict) -> dict:
         )
     )
     return {"precompute_images_per_s": result["images_per_s"]}
+
+
+def stage_blocks(c: dict) -> dict:
+    """Precompute of 16 epochs with 1, 4 and 16 epochs per block, side by side (rotating which
+    goes first, best of the rounds): with a cheap teacher (kdcache:tiny_cnn, so decoding and
+    rendering are what is timed) on the whole block set, whose decoded images (~320 MB) exceed
+    a worker's image budget (256 MB), as an ImageNet shard's do, so one epoch per block decodes
+    every image every epoch; and with the bench's teacher on its first shard. Then the files
+    and bytes per row of the B = 1 and B = 16 caches."""
+    from kdcache.cache import PrecomputeConfig, precompute
+    from kdcache.cache.inspect import summary
+    from kdcache.store import open_cache
+
+    out: dict[str, Any] = {}
+    blocks = (1, 4, 16)
+    arms = (("cheap_", "kdcache:tiny_cnn", None, c["rounds"]), ("", c["teacher"], 256, 1))
+    for name, teacher, limit, rounds in arms:
+        for r in range(rounds):
+            for b in blocks[r % 3 :] + blocks[: r % 3]:
+                path = os.path.join(c["blocks_dir"], f"{name}b{b}-r{r}.zarr")
+                result = precompute(
+                    PrecomputeConfig(
+                        data=c["blocks_data"],
+                        teacher=teacher,
+                        out=path,
+                        epochs=16,
+                        epochs_per_block=b,
+                        limit=limit,
+                        teacher_image_size=c["image_size"],
+                        batch_size=c["batch_size"],
+                        workers=c["workers"],
+                        device=c["device"],
+                        num_classes=NUM_CLASSES,
+                        command="tools/bench.py",
+                    )
+                )
+                key = f"precompute_{name}b{b}_images_per_s"
+                out[key] = max(out.get(key, 0.0), result["images_per_s"])
+    for name in ("", "cheap_"):
+        for b in blocks:
+            out[f"precompute_{name}b{b}_vs_b1_ratio"] = (
+                out[f"precompute_{name}b{b}_images_per_s"]
+                / out[f"precompute_{name}b1_images_per_s"]
+            )
+    for b in (1, 16):
+        path = os.path.join(c["blocks_dir"], f"cheap_b{b}-r0.zarr")
+        report = summary(open_cache(path))
+        out[f"cache_b{b}_files"] = sum(len(fs) for _, _, fs in os.walk(path))
+        out[f"cache_b{b}_row_files"] = report["unit_files"]
+        out[f"cache_b{b}_bytes_per_row"] = report["bytes_per_row"]
+        out[f"cache_b{b}_bytes_per_row_on_disk"] = report["bytes_per_row_on_disk"]
+        out[f"cache_b{b}_metadata_bytes_per_row"] = report["metadata_bytes_per_row"]
+    out["cache_b16"] = os.path.join(c["blocks_dir"], "cheap_b16-r0.zarr")
+    return out
+
+
+def stage_views_per_decode(c: dict) -> dict:
+    """Training images/s (all epochs of a 4-epoch run) of hard labels and of the cache (B = 16)
+    with --views-per-decode 1, 2 and 4, the arms rotating: for the bench's student and for a
+    cheap one (kdcache:tiny_cnn), whose step leaves the data path in view. The block set's
+    decoded images exceed a worker's image budget, so one view per decode decodes every image
+    every epoch."""
+    from kdcache.train import TrainConfig, fit
+
+    arms = (("none", 1), ("cached", 1), ("cached", 2), ("cached", 4))
+    out: dict[str, Any] = {}
+    for name, student in (("", c["student"]), ("cheap_", "kdcache:tiny_cnn")):
+        for r, (mode, v) in enumerate(arms):
+            run = os.path.join(c["blocks_dir"], f"train-{name}{mode}-v{v}-r{r}")
+            fit(
+                TrainConfig(
+                    data=c["blocks_data"],
+                    val=c["val"],
+                    student=student,
+                    out=run,
+                    epochs=4,
+                    teacher_mode=mode,
+                    cache=c["cache_b16"] if mode == "cached" else None,
+                    views=None if mode == "cached" else "function_matching",
+                    views_per_decode=v,
+                    image_size=c["image_size"],
+                    batch_size=c["batch_size"],
+                    workers=c["workers"],
+                    device=c["device"],
+                    num_classes=NUM_CLASSES,
+                )
+            )
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                passes = [json.loads(line) for line in f]
+            images = sum(m["images_per_s"] * m["seconds"] for m in passes)
+            key = f"train_{name}{'hard' if mode == 'none' else 'cached'}_v{v}_images_per_s"
+            out[key] = images / sum(m["seconds"] for m in passes)
+        for v in (1, 2, 4):
+            out[f"train_{name}cached_v{v}_vs_hard_ratio"] = (
+                out[f"train_{name}cached_v{v}_images_per_s"]
+                / out[f"train_{name}hard_v1_images_per_s"]
+            )
+    return out
 
 
 def stage_train(c: dict) -> dict:
@@ -475,6 +580,8 @@ STAGES = {
     "train": stage_train,
     "rows": stage_rows,
     "loader": stage_loader,
+    "blocks": stage_blocks,
+    "views_per_decode": stage_views_per_decode,
 }
 
 
@@ -575,6 +682,18 @@ def main() -> None:
             for key, value in stage.items():
                 best = min if "_ms_per_" in key else max  # times: the min; rates, RSS: the max
                 result[key] = best(result[key], value) if key in result else value
+    # Epoch blocks: precompute at B = 1, 4, 16 and training at V = 1, 2, 4, on a small set.
+    c.update(
+        blocks_dir=os.path.join(work, "blocks"),
+        blocks_data=make_shards(os.path.join(work, "blocks-data"), 768),
+        rounds=args.rounds,
+    )
+    log("bench: epoch blocks (precompute B = 1, 4, 16)")
+    blocks = run_stage("blocks", c)
+    c["cache_b16"] = blocks.pop("cache_b16")
+    result.update(blocks)
+    log("bench: views per decode (training V = 1, 2, 4 and hard labels)")
+    result.update(run_stage("views_per_decode", c))
     r = result
     result.update(
         train_cached_vs_hard_ratio=r["train_cached_images_per_s"] / r["train_none_images_per_s"],

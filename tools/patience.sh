@@ -23,7 +23,7 @@ stamp teacher
 # One shared cache directory for every step (precompute extends a cache to what a step needs);
 # each step has its own --out and summary directory (run directories are named by the grid).
 mkdir -p caches
-for step in grid online long cache_sample cache_cycle fm1000 long1000; do
+for step in grid online long cache_sample cache_cycle fm1000 long1000 vpd; do
   mkdir -p $step; [ -e $step/caches ] || ln -s $W/caches $step/caches
 done
 COMMON=(--data 'data/train-*.tar' --val 'data/val-*.tar' --teacher kdcache:resnet_s
@@ -58,3 +58,8 @@ stamp fm1000
 $K ablate "${COMMON[@]}" --results $R/long1000 --out long1000 --epochs 1000 --seeds 1 --reuse sample \
   --cache-epochs 300 --mode none:"$CONS" --mode cached:"$CONS" | tail -1 > long1000.json
 stamp long1000
+# 7. --views-per-decode 4 (each image's 4 views of a pass from one decode, together in the
+#    stream): function matching at 300 epochs, 3 seeds, against step 3's runs.
+$K ablate "${COMMON[@]}" --results $R/vpd --out vpd --epochs 300 --seeds 3 --views-per-decode 4 \
+  --mode cached:"$FM" | tail -1 > vpd.json
+stamp vpd
