@@ -53,13 +53,13 @@ stamp cache-cycle
 $K ablate "${COMMON[@]}" --results $R/fm1000 --out fm1000 --epochs 1000 --seeds 1 --reuse sample --cache-epochs 300 \
   --mode cached:"$FM" | tail -1 > fm1000.json
 stamp fm1000
-# 6. Hard labels and consistent views at 1000 epochs, 1 seed (the same 300-epoch cache, sampled):
-#    does function matching's 0.972 beat them there?
-$K ablate "${COMMON[@]}" --results $R/long1000 --out long1000 --epochs 1000 --seeds 1 --reuse sample \
-  --cache-epochs 300 --mode none:"$CONS" --mode cached:"$CONS" | tail -1 > long1000.json
-stamp long1000
-# 7. --views-per-decode 4 (each image's 4 views of a pass from one decode, together in the
+# 6. --views-per-decode 4 (each image's 4 views of a pass from one decode, together in the
 #    stream): function matching at 300 epochs, 3 seeds, against step 3's runs.
 $K ablate "${COMMON[@]}" --results $R/vpd --out vpd --epochs 300 --seeds 3 --views-per-decode 4 \
   --mode cached:"$FM" | tail -1 > vpd.json
 stamp vpd
+# 7. Hard labels and consistent views at 1000 epochs, 1 seed (the same 300-epoch cache, sampled):
+#    does function matching's 0.972 beat them there?
+$K ablate "${COMMON[@]}" --results $R/long1000 --out long1000 --epochs 1000 --seeds 1 --reuse sample \
+  --cache-epochs 300 --mode none:"$CONS" --mode cached:"$CONS" | tail -1 > long1000.json
+stamp long1000
