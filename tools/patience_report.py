@@ -45,7 +45,9 @@ def load(root: str) -> dict:
         m = re.fullmatch(r"(.+?)(?:-e(\d+))?(?:-c(\d+))?", run)
         epochs = int(m.group(2) or s["options"]["epochs"])
         cache = int(m.group(3)) if m.group(3) else None
-        key = (step, cell_name(m.group(1)), epochs, cache, s["options"].get("reuse", "cycle"))
+        views = s["options"].get("views_per_decode", 1)
+        reuse = s["options"].get("reuse", "cycle")
+        key = (step, cell_name(m.group(1)), epochs, cache, reuse, views)
         out[key].append(s["history"][-1]["val_accuracy"])
         wall[key].append(s["wall_seconds"])
     return out, wall
@@ -62,8 +64,12 @@ def main() -> None:
     root = sys.argv[1] if len(sys.argv) > 1 else "docs/results/patience"
     acc, wall = load(root)
     curves: dict = defaultdict(dict)
-    for (step, cell, epochs, cache, _reuse), values in acc.items():
-        if cache is None and step in ("grid", "online", "long", "fm1000"):
+    for (step, cell, epochs, cache, _reuse, views), values in acc.items():
+        if (
+            cache is None
+            and views == 1
+            and step in ("grid", "online", "long", "fm1000", "long1000")
+        ):
             curves[cell].setdefault(epochs, []).extend(values)
     budgets = sorted({e for c in curves.values() for e in c})
     print("| mode | " + " | ".join(f"{e} epochs" for e in budgets) + " |")
@@ -81,10 +87,22 @@ def main() -> None:
         for key in sorted(budget, key=lambda k: (k[4], k[3] or 10**9)):
             size = "all" if key[3] is None else key[3]
             print(f"| {size} | {key[4]} | {fmt(acc[key])} | {np.mean(wall[key]):.0f} |")
+    passes = [k for k in acc if k[5] != 1]
+    if passes:
+        print("\n| mode | epochs | views per decode | final val accuracy | wall s |")
+        print("|---|---|---|---|---|")
+        for key in passes:
+            plain = next(
+                (k for k in acc if k[1:5] == key[1:5] and k[5] == 1 and k[0] == "long"), None
+            )
+            for k in [plain, key] if plain else [key]:
+                print(f"| {k[1]} | {k[2]} | {k[5]} | {fmt(acc[k])} | {np.mean(wall[k]):.0f} |")
     print("\n| run | wall s (mean over seeds) |\n|---|---|")
     for key in sorted(wall, key=lambda k: (k[1], k[2])):
         print(
-            f"| {key[0]}: {key[1]}, {key[2]} epochs{'' if key[3] is None else f', cache {key[3]}'} ({key[4]}) | {np.mean(wall[key]):.0f} |"
+            f"| {key[0]}: {key[1]}, {key[2]} epochs{'' if key[3] is None else f', cache {key[3]}'}"
+            f" ({key[4]}{'' if key[5] == 1 else f', {key[5]} views per decode'})"
+            f" | {np.mean(wall[key]):.0f} |"
         )
     try:
         import matplotlib
