@@ -228,8 +228,8 @@ def _warn_short_function_matching(cfg: TrainConfig, spec: ViewSpec, mode: Teache
     if spec.mixes and mode.sees_student_views and cfg.epochs < PATIENT_EPOCHS:
         log.warning(
             "--epochs %d with %s views: function matching needs long schedules (Beyer et al. "
-            "train 300 to 9,600 epochs; on digits it trailed hard labels and consistent views "
-            "at every budget up to 100 epochs: docs/patience.md); for a short budget use "
+            "train 300 to 9,600 epochs; on digits it trailed hard labels up to 300 epochs and "
+            "consistent views up to 1,000: docs/patience.md); for a short budget use "
             "consistent views, or train for %d epochs or more",
             cfg.epochs,
             spec.name,
