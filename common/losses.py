@@ -3,10 +3,12 @@
 A loss takes the student's logits and the batch's :class:`~kdcache.targets.SparseTarget` and
 returns a scalar. A spec is written in :mod:`kdcache.grammar`: ``name(k=v, ...)`` terms joined
 by ``+``, each with an optional weight ``w`` (1 by default) that kdcache applies, so
-``kl(t=2)+ce(w=0.1)`` is ``KL at T = 2 + 0.1 * cross-entropy``. A name is one of
-:data:`LOSSES` (``kl``, ``ce``, or one a module registered with :func:`register_loss`) or a
-user's own class, ``pkg.module:Class``, imported with the current directory on the path and
-called with the term's other arguments.
+``kl(t=2)+ce(w=0.1)`` is ``KL at T = 2 + 0.1 * hard-label cross-entropy``. A name is one of
+:data:`LOSSES` (``kl``, ``soft_ce``, ``reverse_kl``, ``dkd``, ``ce``, or one a module
+registered with :func:`register_loss`) or a user's own class, ``pkg.module:Class``, imported
+with the current directory on the path and called with the term's other arguments. A loss
+says what it needs from the run (``needs``: labels, a teacher, the whole distribution); the
+trainer refuses a run that cannot give it before any work.
 
 This module imports neither torch nor a user's module until a loss is created or called
 (``kdcache --help`` reads the teacher modes, which name their default losses).
@@ -28,19 +30,31 @@ if TYPE_CHECKING:
 
     from kdcache.targets import SparseTarget
 
-EXAMPLE = "kl(t=2)+ce(w=0.1)"
+EXAMPLE = "kl(t=2)+ce(w=0.1)"  # KL at T = 2 plus 0.1 x hard-label cross-entropy
 
 
 class Loss(Protocol):
     """``loss(student_logits, target)``: student_logits (B, C) float32, ``target`` the batch's
-    SparseTarget -> a scalar tensor (a mean over the batch). The built-ins also carry ``name``
-    and ``describe()`` (the spec that makes them again); a user's own class needs only
-    ``__call__``."""
+    SparseTarget (with its ``labels`` where the trainer has them) -> a scalar tensor (a mean
+    over the batch). The built-ins also carry ``name`` and ``describe()`` (the spec that makes
+    them again); a user's own class needs only ``__call__``. Optional class attributes:
+
+    - ``needs``: a set of :data:`NEEDS` the trainer checks before any work;
+    - ``inherits``: the arguments ``--temperature`` may fill in (default: every argument the
+      class takes, which is ``t`` only for the trainer).
+    """
 
     def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor: ...
 
 
 LOSSES: dict[str, Callable[..., Loss]] = {}
+
+# What a loss can need from a run, checked before the first step (``needs_of``):
+NEEDS = {
+    "labels": "hard labels in the student's classes",
+    "teacher": "a teacher's distribution (not --teacher-mode none)",
+    "full": "the teacher's whole distribution (a live teacher, or a cache with k = classes)",
+}
 
 
 def register_loss(name: str) -> Callable[[Callable[..., Loss]], Callable[..., Loss]]:
@@ -83,11 +97,45 @@ class KL:
 @register_loss("ce")
 @dataclass(frozen=True)
 class CE:
-    """Soft cross-entropy H(teacher, student) at temperature ``t``; on a target made from
-    labels (``--teacher-mode none``) it is the hard-label (mixed-label) cross-entropy."""
+    """Cross-entropy on the hard labels, mixed as the views were (``lam`` on the label, the rest
+    on the partner's); ``t`` divides the logits (1: plain cross-entropy; ``--temperature`` is
+    not passed to it). Rows without a label in the student's classes do not count; a batch
+    without any gives zero. With ``--teacher-mode none`` it is the mode's own loss."""
 
     t: float = 1.0
     name: ClassVar[str] = "ce"
+    needs: ClassVar[frozenset[str]] = frozenset({"labels"})
+    inherits: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
+
+    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
+        from kdcache import targets as T
+
+        labels = target.labels
+        if labels is None:
+            raise KdcacheError("the ce loss needs the batch's labels, and this target has none")
+        known = labels.known
+        if not bool(known.all()):
+            if not bool(known.any()):
+                return student_logits.sum() * 0.0
+            student_logits, labels = student_logits[known], target.rows(known).labels
+        hard = T.from_labels(labels.label, labels.partner, labels.lam, target.num_classes)
+        return T.cross_entropy(student_logits, hard, self.t)
+
+    def describe(self) -> str:
+        return format_term(self.name, {"t": self.t})
+
+
+@register_loss("soft_ce")
+@dataclass(frozen=True)
+class SoftCE:
+    """Soft cross-entropy H(teacher, student) at temperature ``t``: KL plus the teacher's
+    entropy, so its gradient is KL's divided by T² (no T² scaling here)."""
+
+    t: float = 1.0
+    name: ClassVar[str] = "soft_ce"
 
     def __post_init__(self) -> None:
         _check_temperature(self.t)
@@ -99,6 +147,76 @@ class CE:
 
     def describe(self) -> str:
         return format_term(self.name, {"t": self.t})
+
+
+@register_loss("reverse_kl")
+@dataclass(frozen=True)
+class ReverseKL:
+    """KL(student || teacher) at temperature ``t``, times t²: mode-seeking, where KL is
+    mass-covering. A top-k target's tail classes each hold the spread tail mass; the teacher's
+    log-probabilities are floored at log(float32 tiny) so a class without mass stays finite."""
+
+    t: float = 1.0
+    name: ClassVar[str] = "reverse_kl"
+    needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
+
+    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
+        from kdcache import targets as T
+
+        return T.reverse_kl(student_logits, target, self.t)
+
+    def describe(self) -> str:
+        return format_term(self.name, {"t": self.t})
+
+
+@register_loss("dkd")
+@dataclass(frozen=True)
+class DKD:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha`` * TCKD + ``beta`` * NCKD at temperature
+    ``t``, times t² (defaults: the paper's CIFAR-100 setting, alpha 1, beta 8, T 4; ImageNet
+    used beta 0.5, T 1). The target class is the row's label, both labels weighted by ``lam``
+    on a mixed row, and the teacher's top-1 on a row without a label. With a top-k target the
+    non-target distribution is the top-k plus the evenly spread tail (docs/methods.md measures
+    the difference from the dense loss)."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    t: float = 4.0
+    name: ClassVar[str] = "dkd"
+    needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
+        for key in ("alpha", "beta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{key} must be a number at least 0, got {value!r}")
+
+    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
+        import torch
+
+        from kdcache import targets as T
+
+        def rows(gt: Tensor) -> Tensor:
+            return T.dkd_rows(student_logits, target, gt, self.alpha, self.beta, self.t)
+
+        top1 = target.index.gather(1, target.logp.argmax(1, keepdim=True))[:, 0]
+        labels = target.labels
+        if labels is None or not bool((labels.label >= 0).any()):
+            return rows(top1).mean()
+        known = labels.known
+        own = rows(torch.where(known, labels.label, top1))
+        lam = torch.where(known, labels.lam, torch.ones_like(labels.lam))
+        if not bool((lam < 1).any()):
+            return own.mean()
+        other = rows(torch.where(known & (lam < 1), labels.partner, top1))
+        return (lam * own + (1 - lam) * other).mean()
+
+    def describe(self) -> str:
+        return format_term(self.name, {"alpha": self.alpha, "beta": self.beta, "t": self.t})
 
 
 @dataclass(frozen=True)
@@ -152,8 +270,13 @@ def create_loss(spec: str, defaults: Mapping[str, Any] | None = None, what: str 
         params = _parameters(factory)
         kwargs = bind(term, [p for p in params if p != "w"], f"{what} {spec!r}")
         w = float(kwargs.pop("w", 1.0))
+        inherits = getattr(factory, "inherits", params)
         kwargs.update(
-            {k: v for k, v in (defaults or {}).items() if k in params and k not in kwargs}
+            {
+                k: v
+                for k, v in (defaults or {}).items()
+                if k in params and k in inherits and k not in kwargs
+            }
         )
         try:
             loss = factory(**kwargs)
@@ -167,6 +290,14 @@ def create_loss(spec: str, defaults: Mapping[str, Any] | None = None, what: str 
         built.append((w, loss))
         resolved.append(Term(term.name, kwargs | ({"w": w} if w != 1.0 else {}), term.column))
     return Sum(tuple(built), format_terms(resolved))
+
+
+def needs_of(loss: Sum) -> set[str]:
+    """What the terms of ``loss`` need from the run (:data:`NEEDS`), together."""
+    out: set[str] = set()
+    for _, term in loss.terms:
+        out |= set(getattr(term, "needs", ()))
+    return out
 
 
 def _parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:

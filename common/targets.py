@@ -12,6 +12,7 @@ target otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +20,42 @@ import torch.nn.functional as F
 
 
 @dataclass
+class Labels:
+    """A batch's hard labels in the student's classes, mixed as its views were.
+
+    label, partner: (B,) int64, -1 where the row's sample (or its mixing partner) has no label
+    the student can use; lam: (B,) float32, the weight of ``label`` (1 on unmixed rows, whose
+    partner is ignored)."""
+
+    label: torch.Tensor
+    partner: torch.Tensor
+    lam: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Labels:
+        return Labels(
+            self.label.to(device, non_blocking=non_blocking),
+            self.partner.to(device, non_blocking=non_blocking),
+            self.lam.to(device, non_blocking=non_blocking),
+        )
+
+    @property
+    def known(self) -> torch.Tensor:
+        """(B,) bool: the rows whose label (and partner's label, when mixed) are known."""
+        return (self.label >= 0) & ((self.lam >= 1) | (self.partner >= 0))
+
+
+@dataclass
 class SparseTarget:
     """index: (B, K) int64 class ids; logp: (B, K) float32 log-probabilities at T = 1;
     tail_logp: (B,) float32 log-probability of each one of the ``num_classes - K`` other classes
-    (``-inf`` when there is no tail mass)."""
+    (``-inf`` when there is no tail mass); labels: the rows' hard labels where the trainer has
+    them in the student's classes (:class:`Labels`), for the losses that use them."""
 
     index: torch.Tensor
     logp: torch.Tensor
     tail_logp: torch.Tensor
     num_classes: int
+    labels: Labels | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTarget:
         return SparseTarget(
@@ -35,6 +63,16 @@ class SparseTarget:
             self.logp.to(device, non_blocking=non_blocking),
             self.tail_logp.to(device, non_blocking=non_blocking),
             self.num_classes,
+            None if self.labels is None else self.labels.to(device, non_blocking),
+        )
+
+    def rows(self, keep: torch.Tensor) -> SparseTarget:
+        """The target of the rows ``keep`` (a (B,) bool mask) only."""
+        labels = self.labels
+        if labels is not None:
+            labels = Labels(labels.label[keep], labels.partner[keep], labels.lam[keep])
+        return SparseTarget(
+            self.index[keep], self.logp[keep], self.tail_logp[keep], self.num_classes, labels
         )
 
     @property
@@ -132,3 +170,81 @@ def kl_divergence(
         neg_entropy = neg_entropy + target.tail_count * _xlogy_exp(t_tail)
     kl = cross_entropy(student_logits, target, temperature) + neg_entropy.mean()
     return kl * temperature**2
+
+
+# The floor of the teacher's log-probabilities in the reverse KL: a class the cache gives no
+# mass (the tail of an fp16 top-k whose sum reached 1) would make it infinite.
+LOGP_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(student || teacher) at temperature T, times T^2; mean over batch.
+
+    Each tail class holds ``tail_logp``; teacher log-probabilities are floored at
+    :data:`LOGP_FLOOR` (a class without teacher mass would make the divergence infinite)."""
+    t_top, t_tail = _tempered(target, temperature)
+    t_top, t_tail = t_top.clamp_min(LOGP_FLOOR), t_tail.clamp_min(LOGP_FLOOR)
+    logq = F.log_softmax(student_logits.float() / temperature, dim=1)
+    q_top = logq.gather(1, target.index).exp()
+    kl = (logq.exp() * logq).sum(1) - (q_top * t_top).sum(1)
+    if target.tail_count:
+        kl = kl - (1.0 - q_top.sum(1)).clamp_min(0.0) * t_tail
+    return kl.mean() * temperature**2
+
+
+def _log_diff(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """log(exp(total) - exp(part)), -inf where that is not positive."""
+    diff = -torch.expm1(part - total)
+    return torch.where(diff > 0, total + torch.log(diff.clamp_min(1e-45)), -math.inf)
+
+
+def dkd_rows(
+    student_logits: torch.Tensor,
+    target: SparseTarget,
+    gt: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022) per row, times T^2: (B,) float32.
+
+    gt: (B,) int64, the row's target class. TCKD is the KL between the binary (target, the
+    rest) distributions of teacher and student, NCKD the KL between their distributions over the
+    other classes, renormalised; -> ``alpha * TCKD + beta * NCKD``. On a top-k target the
+    teacher's non-target distribution is its top-k (less the target class) plus the evenly
+    spread tail, as everywhere in kdcache; with K = C it is the dense loss exactly."""
+    t_top, t_tail = _tempered(target, temperature)
+    logq = F.log_softmax(student_logits.float() / temperature, dim=1)
+    match = target.index == gt[:, None]  # (B, K): where the target class is in the top-k
+    in_top = match.any(1)
+    n_tail = target.tail_count - (~in_top).long()  # tail classes other than the target
+    neg = torch.full_like(t_top, -math.inf)
+    p_gt = torch.where(in_top, torch.where(match, t_top, neg).logsumexp(1), t_tail)
+    others = [torch.where(match, neg, t_top)]
+    if target.tail_count:
+        tail_sum = torch.where(n_tail > 0, t_tail + n_tail.clamp_min(1).float().log(), -math.inf)
+        others.append(tail_sum[:, None])
+    p_rest = torch.cat(others, 1).logsumexp(1)  # log(1 - p_gt), summed rather than subtracted
+    q_gt = logq.gather(1, gt[:, None])[:, 0]
+    q_rest = logq.scatter(1, gt[:, None], -math.inf).logsumexp(1)
+    tckd = _xlogy_exp(p_gt) - p_gt.exp() * q_gt.where(torch.isfinite(p_gt), 0.0)
+    tckd = tckd + _xlogy_exp(p_rest) - p_rest.exp() * q_rest.where(torch.isfinite(p_rest), 0.0)
+    # NCKD over the classes other than gt: p_i / (1 - p_gt) against q_i / (1 - q_gt).
+    has_rest = torch.isfinite(p_rest)
+    norm = torch.where(has_rest, p_rest, 0.0)
+    hat_top = torch.where(match, neg, t_top - norm[:, None])
+    logq_hat_top = logq.gather(1, target.index) - q_rest[:, None]
+    finite = torch.isfinite(hat_top)
+    nckd = (_xlogy_exp(hat_top) - hat_top.exp() * logq_hat_top.where(finite, 0.0)).sum(1)
+    if target.tail_count:
+        hat_tail = t_tail - norm
+        logq_top_sum = logq.gather(1, target.index).where(~match, 0.0).sum(1)
+        tail_logq = logq.sum(1) - logq_top_sum - q_gt  # over the tail classes other than gt
+        tail_logq_hat = tail_logq - n_tail.float() * q_rest
+        ok = torch.isfinite(hat_tail) & (n_tail > 0)
+        tail = n_tail.float() * _xlogy_exp(hat_tail) - hat_tail.exp() * tail_logq_hat
+        nckd = nckd + torch.where(ok, tail, 0.0)
+    nckd = torch.where(has_rest, nckd, 0.0)
+    return (alpha * tckd + beta * nckd) * temperature**2

@@ -40,10 +40,21 @@ STUDENT = "kdcache:tiny_cnn"
 
 
 def batch(seed: int = 0, k: int = 3) -> tuple[torch.Tensor, T.SparseTarget]:
+    """Student logits (4, 5) and a top-``k`` teacher target whose rows carry labels."""
     g = torch.Generator().manual_seed(seed)
     logits, teacher = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
     top, index = teacher.topk(k, dim=1)
-    return logits, T.from_topk(top, index, teacher.logsumexp(1), 5)
+    target = T.from_topk(top, index, teacher.logsumexp(1), 5)
+    label = torch.randint(0, 5, (4,), generator=g)
+    target.labels = T.Labels(label, label.roll(1), torch.tensor([1.0, 1.0, 0.7, 0.4]))
+    return logits, target
+
+
+def hard_ce(logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
+    labels = target.labels
+    return T.cross_entropy(
+        logits, T.from_labels(labels.label, labels.partner, labels.lam, target.num_classes)
+    )
 
 
 # -- the grammar ------------------------------------------------------------------------------
@@ -117,10 +128,10 @@ def test_each_grammar_error_names_the_column_and_what_to_write(spec, message):
 # -- the registry and the built-ins -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["kll", "kl+KL(t=2)", "ce+dkd"])
+@pytest.mark.parametrize("spec", ["kll", "kl+KL(t=2)", "ce+dkdd"])
 def test_an_unknown_loss_name_is_refused_with_the_names(spec):
     bad = re.split(r"[+(]", spec)[-1] if spec != "kl+KL(t=2)" else "KL"
-    with pytest.raises(KdcacheError, match=f"unknown loss '{bad}'; choose one of kl, ce"):
+    with pytest.raises(KdcacheError, match=f"unknown loss '{bad}'; choose one of kl, ce, soft_ce"):
         create_loss(spec)
     cfg = TrainConfig("d", "v", "s", "o", 1, teacher_mode="none", loss=spec)
     with pytest.raises(KdcacheError, match="or write pkg.module:Class for your own"):
@@ -134,8 +145,12 @@ def test_the_builtins_are_the_targets_functions():
             create_loss(f"kl(t={t})")(logits, target), T.kl_divergence(logits, target, t)
         )
         assert torch.equal(
-            create_loss(f"ce(t={t})")(logits, target), T.cross_entropy(logits, target, t)
+            create_loss(f"soft_ce(t={t})")(logits, target), T.cross_entropy(logits, target, t)
         )
+        assert torch.equal(
+            create_loss(f"reverse_kl(t={t})")(logits, target), T.reverse_kl(logits, target, t)
+        )
+    assert torch.equal(create_loss("ce")(logits, target), hard_ce(logits, target))
     kl, ce = create_loss("kl(t=3)").terms[0][1], create_loss("ce").terms[0][1]
     assert (kl.name, kl.describe(), ce.name, ce.describe()) == ("kl", "kl(t=3)", "ce", "ce(t=1.0)")
 
@@ -150,13 +165,16 @@ def test_the_default_losses_are_bit_identical_to_before():
         assert torch.equal(cfg.create_loss()(logits, target), want)
         assert torch.equal(get_mode("online").loss(logits, target, t), want)
         cfg = TrainConfig("d", "v", "s", "o", 1, teacher_mode="none", temperature=t)
-        assert torch.equal(cfg.create_loss()(logits, target), T.cross_entropy(logits, target))
+        labels = target.labels
+        hard = T.from_labels(labels.label, labels.partner, labels.lam, 5)
+        hard.labels = labels  # what the trainer gives the none mode: labels, twice
+        assert torch.equal(cfg.create_loss()(logits, hard), T.cross_entropy(logits, hard))
         assert cfg.create_loss().describe() == "ce(t=1.0)"
 
 
 def test_plus_adds_the_weighted_terms():
     logits, target = batch(2)
-    kl2, ce = T.kl_divergence(logits, target, 2.0), T.cross_entropy(logits, target)
+    kl2, ce = T.kl_divergence(logits, target, 2.0), hard_ce(logits, target)
     loss = create_loss("kl(t=2)+ce(w=0.1)")
     assert torch.allclose(loss(logits, target), kl2 + 0.1 * ce)
     assert loss.describe() == "kl(t=2)+ce(t=1.0, w=0.1)" and loss.name == "kl+ce"
@@ -183,7 +201,11 @@ def test_temperature_and_loss_have_one_rule():
 
     assert cfg(None, 2.0).create_loss().describe() == "ce(t=1.0)"  # hard labels: no T
     assert cfg("kl", 2.0).create_loss().describe() == "kl(t=2.0)"
-    assert cfg("kl+ce(w=0.5)", 2.0).create_loss().describe() == "kl(t=2.0)+ce(t=2.0, w=0.5)"
+    # ce is on hard labels: --temperature is not its t
+    assert cfg("kl+ce(w=0.5)", 2.0).create_loss().describe() == "kl(t=2.0)+ce(t=1.0, w=0.5)"
+    assert cfg("dkd+soft_ce", 2.0).create_loss().describe() == (
+        "dkd(alpha=1.0, beta=8.0, t=2.0)+soft_ce(t=2.0)"
+    )
     assert cfg("kl(t=3)").create_loss().describe() == "kl(t=3)"
     cfg("kl(t=3)").validate()
     with pytest.raises(

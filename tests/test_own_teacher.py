@@ -307,6 +307,12 @@ def test_unlabelled_images_distil(in_user_dir, tmp_path):
                      "--image-size", "16", "--batch-size", "4", *CPU)  # fmt: skip
     assert metrics["skipped_rows"] == 0 and metrics["val_accuracy"] is None
     assert metrics["accuracy_basis"] == "none"
+    # a loss with a hard-label term cannot train here: said before any work
+    one_line_error(("train", "--data", flat, "--val", flat, "--student", "kdcache:tiny_cnn",
+                    "--out", tmp_path / "ce", "--epochs", "1", "--cache", out, "--loss",
+                    "kl+ce(w=0.1)", "--image-size", "16", *CPU),
+                   "needs hard labels", "has no labels", "--label-map")  # fmt: skip
+    assert not os.path.exists(tmp_path / "ce" / "config.json")
     one_line_error(("train", "--data", flat, "--val", flat, "--student", "kdcache:tiny_cnn",
                     "--out", tmp_path / "hard", "--epochs", "1", "--teacher-mode", "none",
                     "--num-classes", "4", "--image-size", "16", *CPU),

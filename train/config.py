@@ -118,8 +118,9 @@ class TrainConfig:
     loss: str | None = option(
         None,
         help="the loss: name(k=v) terms joined by +, each with a weight w, e.g. "
-        "'kl(t=2)+ce(w=0.1)' or 'kl+myloss:Smooth(w=0.5)' (a class in ./myloss.py); built-ins "
-        "kl, ce; see docs/extending.md",
+        "'kl(t=2)+ce(w=0.1)' (KL plus 0.1 x hard-label cross-entropy) or "
+        "'kl+myloss:Smooth(w=0.5)' (a class in ./myloss.py); built-ins kl, soft_ce, "
+        "reverse_kl, dkd(alpha, beta, t), ce (hard labels); see docs/methods.md",
         metavar="SPEC",
         shown="kl(t=--temperature), ce() with --teacher-mode none",
         group=OPTIM,

@@ -32,7 +32,7 @@ from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.lock import output_lock, process_running
-from kdcache.losses import Sum
+from kdcache.losses import Sum, needs_of
 from kdcache.models import Model, load_model, warn_random_teacher
 from kdcache.render import IMAGENET, InputConvention, resolve_image_size
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
@@ -71,6 +71,9 @@ class _Run:
     label_map: np.ndarray | None
     mode: TeacherMode
     loss: Sum  # --loss, or the mode's default; loss.describe() is its resolved spec
+    # The data labels as the student's classes: identity, a (L,) label map, or None (unusable).
+    train_labels: str | None = None
+    train_label_map: np.ndarray | None = None
 
 
 def _resolve(cfg: TrainConfig) -> _Run:
@@ -164,7 +167,9 @@ def _resolve(cfg: TrainConfig) -> _Run:
     basis, label_map = accuracy_basis(
         mode.trains_on_labels, num_classes, label_classes, val, cfg.label_map
     )
-    return _Run(
+    train_labels = _train_labels(mode, cfg.label_map, index, num_classes, label_classes)
+    _check_needs(cfg, loss, mode, cache, num_classes, train_labels, index)
+    run = _Run(
         index,
         val,
         num_classes,
@@ -180,7 +185,79 @@ def _resolve(cfg: TrainConfig) -> _Run:
         label_map,
         mode,
         loss,
+        train_labels,
+        label_map if train_labels == "label_map" else None,
     )
+    return run
+
+
+def _train_labels(
+    mode: TeacherMode,
+    label_map: str | None,
+    index: DatasetIndex,
+    num_classes: int,
+    label_classes: int,
+) -> str | None:
+    """How the training data's labels are the student's classes: ``labels`` (as they are),
+    ``label_map`` (through ``--label-map``) or None (no labels, or another class space)."""
+    if not index.num_classes:
+        return None
+    if label_map:
+        return "label_map"
+    if mode.trains_on_labels or label_classes == num_classes:
+        return "labels"
+    return None
+
+
+def _check_needs(
+    cfg: TrainConfig,
+    loss: Sum,
+    mode: TeacherMode,
+    cache: Cache | None,
+    num_classes: int,
+    train_labels: str | None,
+    index: DatasetIndex,
+) -> None:
+    """Refuse, before any work, a loss whose terms need what this run cannot give them."""
+    needs, spec = needs_of(loss), loss.describe()
+    if "labels" in needs and train_labels is None:
+        why = (
+            f"{cfg.data} has no labels"
+            if not index.num_classes
+            else f"the labels of {cfg.data} ({index.num_classes} classes) are not the "
+            f"student's {num_classes} classes"
+        )
+        raise KdcacheError(
+            f"--loss {spec} needs hard labels in the student's classes, and {why}; give "
+            "--label-map FILE (data label -> class), or drop the term that needs labels (ce)"
+        )
+    if "teacher" in needs and mode.trains_on_labels:
+        raise KdcacheError(
+            f"--loss {spec} needs a teacher's distribution, and --teacher-mode "
+            f"{mode.name} trains on labels; choose a teacher mode, or --loss ce"
+        )
+    if "full" in needs and mode.reads_cache and cache is not None and cache.topk < num_classes:
+        raise KdcacheError(
+            f"--loss {spec} needs the teacher's whole distribution, and cache {cfg.cache} holds "
+            f"its top {cache.topk} of {num_classes} classes; precompute with --topk "
+            f"{num_classes}, or train with a live teacher (--teacher-mode online)"
+        )
+
+
+def _labels(run: _Run, item: dict) -> T.Labels | None:
+    """The batch's hard labels as the student's classes (-1 where unknown), or None."""
+    if run.train_labels is None:
+        return None
+    label, partner = item["label"], item["partner_label"]
+    if run.train_label_map is not None:
+        table = torch.from_numpy(run.train_label_map)
+
+        def mapped(x: torch.Tensor) -> torch.Tensor:
+            inside = (x >= 0) & (x < len(table))
+            return torch.where(inside, table[x.clamp(0, len(table) - 1)], -1)
+
+        label, partner = mapped(label), mapped(partner)
+    return T.Labels(label.long(), partner.long(), item["lam"].float())
 
 
 def _check_labels(index: DatasetIndex, num_classes: int, limit: int | None) -> None:
@@ -279,8 +356,13 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
 
 
 def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.SparseTarget:
-    """The batch's target, made as the teacher mode says (cache rows, live teacher, labels)."""
-    return run.mode.target(item, run, device)
+    """The batch's target, made as the teacher mode says (cache rows, live teacher, labels),
+    with the batch's hard labels for the losses that use them."""
+    target = run.mode.target(item, run, device)
+    labels = _labels(run, item)
+    if labels is not None:
+        target.labels = labels.to(device, non_blocking=True)
+    return target
 
 
 def _loss(run: _Run, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
