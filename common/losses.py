@@ -49,6 +49,16 @@ class Loss(Protocol):
 
 LOSSES: dict[str, Callable[..., Loss]] = {}
 
+# The feature losses (kdcache.feature_losses), named here without importing torch: their terms
+# are written in the same spec as the logit losses and add to them, on the --features pairs.
+FEATURE_LOSSES: dict[str, str] = {
+    "fitnet": "FitNets hint: MSE through a 1x1-conv regressor trained with the student",
+    "at": "attention transfer: normalised spatial attention maps, p = 2",
+    "rkd": "relational KD: distances (w_dist) and angles (w_angle) within the batch",
+    "pkt": "probabilistic knowledge transfer: cosine and distance kernels, Jeffreys divergence",
+    "mse": "MSE between maps of the same shape, no regressor (InDistill's pruned teacher)",
+}
+
 # What a loss can need from a run, checked before the first step (``needs_of``):
 NEEDS = {
     "labels": "hard labels in the student's classes",
@@ -241,7 +251,7 @@ class Sum:
             if w != 1.0:
                 value = value * w
             total = value if total is None else total + value
-        return total
+        return student_logits.sum() * 0.0 if total is None else total  # feature terms only
 
 
 def parse_loss(spec: str, what: str = "--loss") -> list[Term]:
@@ -250,10 +260,11 @@ def parse_loss(spec: str, what: str = "--loss") -> list[Term]:
     terms = parse(spec, "+", what, EXAMPLE)
     for term in terms:
         where = f"{what} {spec!r}, column {term.column}"
-        if not term.is_user and term.name not in LOSSES:
+        if not term.is_user and term.name not in LOSSES and term.name not in FEATURE_LOSSES:
             raise KdcacheError(
-                f"{where}: unknown loss {term.name!r}; choose one of {', '.join(LOSSES)}, or "
-                "write pkg.module:Class for your own"
+                f"{where}: unknown loss {term.name!r}; choose one of {', '.join(LOSSES)}, a "
+                f"feature loss ({', '.join(FEATURE_LOSSES)}) with --features, or write "
+                "pkg.module:Class for your own"
             )
         w = term.kwargs.get("w", 1.0)
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
@@ -266,6 +277,8 @@ def create_loss(spec: str, defaults: Mapping[str, Any] | None = None, what: str 
     takes them and that does not name them (the trainer passes ``t`` from ``--temperature``)."""
     built, resolved = [], []
     for term in parse_loss(spec, what):
+        if is_feature_term(term):
+            continue  # built by the trainer for the --features pairs (feature_terms)
         factory = _user_class(term, what) if term.is_user else LOSSES[term.name]
         params = _parameters(factory)
         kwargs = bind(term, [p for p in params if p != "w"], f"{what} {spec!r}")
@@ -290,6 +303,15 @@ def create_loss(spec: str, defaults: Mapping[str, Any] | None = None, what: str 
         built.append((w, loss))
         resolved.append(Term(term.name, kwargs | ({"w": w} if w != 1.0 else {}), term.column))
     return Sum(tuple(built), format_terms(resolved))
+
+
+def is_feature_term(term: Term) -> bool:
+    return not term.is_user and term.name in FEATURE_LOSSES
+
+
+def feature_terms(spec: str | None, what: str = "--loss") -> list[Term]:
+    """The feature-loss terms of ``spec`` (none when ``spec`` is None)."""
+    return [t for t in parse_loss(spec, what) if is_feature_term(t)] if spec else []
 
 
 def needs_of(loss: Sum) -> set[str]:

@@ -9,7 +9,15 @@ import sys
 from dataclasses import dataclass, field
 
 from kdcache.errors import KdcacheError
-from kdcache.losses import Sum, create_loss, parse_loss
+from kdcache.features import parse_pairs
+from kdcache.losses import (
+    FEATURE_LOSSES,
+    Sum,
+    create_loss,
+    feature_terms,
+    is_feature_term,
+    parse_loss,
+)
 from kdcache.options import (
     DEVICE_HELP,
     LABEL_MAP_HELP,
@@ -48,6 +56,8 @@ RESOLVED_KEYS = (
     "cache_epochs",
     "loss_resolved",
 )
+# The feature loss of --features when no feature term is written.
+DEFAULT_FEATURE_LOSS = "fitnet(w=1.0)"
 # The help sections of the train options.
 RUN = "data and run"
 MODELS = "models"
@@ -123,6 +133,23 @@ class TrainConfig:
         "reverse_kl, dkd(alpha, beta, t), ce (hard labels); see docs/methods.md",
         metavar="SPEC",
         shown="kl(t=--temperature), ce() with --teacher-mode none",
+        group=OPTIM,
+    )
+    features: str | None = option(
+        None,
+        help="feature distillation, online mode: layer pairs TEACHER_LAYER=STUDENT_LAYER,... "
+        "(teacher on the left), by their module paths (layer3, features.6, or 3 inside the "
+        "built-ins' nn.Sequential; `kdcache models --layers SPEC` lists them); the feature "
+        "terms of --loss (or --feature-loss) apply to them",
+        metavar="PAIRS",
+        group=OPTIM,
+    )
+    feature_loss: str | None = option(
+        None,
+        help="feature terms added to --loss on the --features pairs: fitnet(w), at(w, p), "
+        "rkd(w_dist, w_angle), pkt(w), mse(w), joined by +; the same as writing them in --loss",
+        metavar="SPEC",
+        shown="fitnet(w=1.0) with --features when --loss names no feature term",
         group=OPTIM,
     )
     reuse: str = option(
@@ -246,10 +273,22 @@ class TrainConfig:
         teacher, ``ce()`` on labels). With ``--loss``, a ``--temperature`` other than 1 is the
         ``t`` of each term that takes one and names none (``validate`` refuses a term naming
         its own ``t`` then: which would win is not obvious)."""
-        if self.loss is None:
-            return create_loss(self.mode.default_loss(self.temperature))
+        spec = self.loss_spec
+        if self.loss is None and spec == self.mode.default_loss(self.temperature):
+            return create_loss(spec)
         defaults = {"t": float(self.temperature)} if self.temperature != 1 else {}
-        return create_loss(self.loss, defaults)
+        return create_loss(spec, defaults)
+
+    @property
+    def loss_spec(self) -> str:
+        """The whole loss as one spec: ``--loss`` (or the mode's default), then the terms of
+        ``--feature-loss``, or ``fitnet`` when ``--features`` is given and no term uses it."""
+        spec = self.loss if self.loss is not None else self.mode.default_loss(self.temperature)
+        if self.feature_loss:
+            spec = f"{spec}+{self.feature_loss}"
+        elif self.features and self.loss is None:
+            spec = f"{spec}+{DEFAULT_FEATURE_LOSS}"
+        return spec
 
     def validate(self) -> None:
         """Check the options against each other; report every problem at once."""
@@ -295,6 +334,10 @@ class TrainConfig:
                 )
         if self.loss is not None:
             problems += _loss_problems(self.loss, self.temperature)
+        if self.feature_loss is not None:
+            problems += _feature_problems(self.feature_loss, "--feature-loss")
+        if mode is not None and not problems:
+            problems += self._feature_pairing(mode)
         if self.reuse not in ("cycle", "sample"):
             problems.append(f"--reuse must be cycle or sample, got {self.reuse!r}")
         if self.views is not None:
@@ -313,6 +356,37 @@ class TrainConfig:
                 )
         if problems:
             raise KdcacheError("; ".join(problems))
+
+    def _feature_pairing(self, mode: TeacherMode) -> list[str]:
+        """--features and the feature terms of the loss, checked against each other and the
+        mode (the teacher's features exist only where it runs live on the student's views)."""
+        terms = feature_terms(self.loss_spec)
+        if terms and not self.features:
+            names = ", ".join(dict.fromkeys(t.name for t in terms))
+            return [f"the feature loss {names} needs --features TEACHER_LAYER=STUDENT_LAYER,..."]
+        if self.features:
+            try:
+                parse_pairs(self.features)
+            except KdcacheError as e:
+                return [str(e)]
+            if not (mode.runs_teacher and mode.sees_student_views):
+                return [
+                    f"--features needs the teacher's features on the student's views, and "
+                    f"--teacher-mode {mode.name} has none; use --teacher-mode online"
+                ]
+        return []
+
+
+def _feature_problems(spec: str, what: str) -> list[str]:
+    try:
+        terms = parse_loss(spec, what)
+    except KdcacheError as e:
+        return [str(e)]
+    other = [str(t) for t in terms if not is_feature_term(t)]
+    if other:
+        return [f"{what} takes feature losses only ({', '.join(FEATURE_LOSSES)}); "
+                f"write {', '.join(other)} in --loss"]  # fmt: skip
+    return []
 
 
 def _loss_problems(spec: str, temperature: float) -> list[str]:

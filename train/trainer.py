@@ -38,6 +38,7 @@ from kdcache.render import IMAGENET, InputConvention, resolve_image_size
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
 from kdcache.teacher_pass import cache_identity, precompute
+from kdcache.train import feature_distill
 from kdcache.train.batches import EpochData, PackedBatches, TrainBatches, unpack
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
@@ -365,10 +366,16 @@ def _target(cfg: TrainConfig, run: _Run, item: dict, device: torch.device) -> T.
     return target
 
 
-def _loss(run: _Run, logits: torch.Tensor, target: T.SparseTarget) -> torch.Tensor:
+def _loss(
+    run: _Run,
+    logits: torch.Tensor,
+    target: T.SparseTarget,
+    features: feature_distill.FeatureDistill | None = None,
+) -> torch.Tensor:
     """The run's loss: ``--loss``, or the mode's default (KL at ``--temperature``, or
-    cross-entropy on labels)."""
-    return run.loss(logits, target)
+    cross-entropy on labels), plus its feature terms on the ``--features`` pairs."""
+    value = run.loss(logits, target)
+    return value if features is None else value + features()
 
 
 def _save_atomic(obj: Any, path: str) -> None:
@@ -417,6 +424,8 @@ RUN_OPTIONS = (
     "clip_grad",
     "temperature",
     "loss",
+    "features",
+    "feature_loss",
     "window",
     "limit",
     "num_classes",
@@ -587,26 +596,40 @@ def _fit(
         asked_by="the labels" if run.mode.trains_on_labels else "the teacher's classes",
     )
     student_input = built.convention
-    resolved = _resolved_config(cfg, run, student_input)
-    _check_expected(expect or {}, resolved)
     student = prepare_model(built.module, device, eval_mode=False)
+    features = feature_distill.build(
+        cfg.loss_spec,
+        cfg.features,
+        run.teacher.module if run.teacher is not None else None,
+        run.teacher_image_size,
+        student,
+        run.image_size,
+        device,
+        ranks.enabled,
+        cfg.seed,
+    )
+    resolved = _resolved_config(cfg, run, student_input, features)
+    _check_expected(expect or {}, resolved)
     if ranks.enabled:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
     bare = student.module if ranks.enabled else student  # what checkpoints and eval see
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = list(student.parameters())
+    if features is not None:  # FitNets' regressors and the like train with the student
+        trained += list(features.loss.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
     steps_per_epoch = -(-samples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(cfg.warmup * steps_per_epoch), _total_steps(cfg, samples))
     )
-    pos = _resume(cfg, bare, optimizer, schedule, ranks)
+    pos = _resume(cfg, bare, optimizer, schedule, ranks, features)
     fresh = (pos.epoch, pos.step) == (0, 0)
     if ranks.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
         _write_json(resolved, os.path.join(cfg.out, "config.json"))  # never rewritten
-    save = _Saver(cfg, bare, optimizer, schedule, ranks)
-    learner = _Learner(student, bare, student_input, optimizer, schedule, device)
+    save = _Saver(cfg, bare, optimizer, schedule, ranks, features)
+    learner = _Learner(student, bare, student_input, optimizer, schedule, device, features)
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
@@ -703,7 +726,13 @@ class _Saver:
     """
 
     def __init__(
-        self, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, schedule: Any, ranks: Dist
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        optimizer: Any,
+        schedule: Any,
+        ranks: Dist,
+        features: feature_distill.FeatureDistill | None = None,
     ):
         self.cfg, self.model, self.optimizer, self.schedule, self.ranks = (
             cfg,
@@ -712,6 +741,7 @@ class _Saver:
             schedule,
             ranks,
         )
+        self.features = features
         self.losses: list[tuple[int, int, torch.Tensor]] = []
         self.scalars = _Scalars(cfg.out)
         # The best evaluated epoch so far, by the headline metric (metrics.jsonl is already cut
@@ -759,6 +789,8 @@ class _Saver:
                 "epoch": pos.epoch,
                 "rng": torch.get_rng_state(),
                 "config": asdict(self.cfg),
+                # the loss's own trainable parts (FitNets' regressors), when it has any
+                "feature_loss": None if self.features is None else self.features.loss.state_dict(),
             },
             os.path.join(self.cfg.out, "checkpoint.pt"),
         )
@@ -811,6 +843,7 @@ class _Learner:
     optimizer: torch.optim.Optimizer
     schedule: Any  # LambdaLR: warm-up, then cosine
     device: torch.device
+    features: feature_distill.FeatureDistill | None = None  # --features: taps and their loss
 
 
 def _pass_length(cfg: TrainConfig, epoch: int) -> int:
@@ -894,7 +927,13 @@ def _train_epoch(
             pixels = student_pixels(item["pixels"], device)
             target = _target(cfg, run, item, device)
         loss = train_step(
-            student, optimizer, pixels, target, lambda z, t: _loss(run, z, t), cfg.clip_grad, device
+            student,
+            optimizer,
+            pixels,
+            target,
+            lambda z, t: _loss(run, z, t, learner.features),
+            cfg.clip_grad,
+            device,
         )
         schedule.step()
         total_loss += loss.detach() * len(item["rows"])
@@ -954,6 +993,7 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     ranks: Dist,
+    features: feature_distill.FeatureDistill | None = None,
 ) -> _Position:
     path = os.path.join(cfg.out, "checkpoint.pt")
     if not cfg.resume:
@@ -973,6 +1013,8 @@ def _resume(
             f"{path} holds a run of {before}, whose weights do not fit --student {cfg.student}; "
             "resume with the run's own options, or choose another --out"
         ) from None
+    if features is not None:
+        features.loss.load_state_dict(state["feature_loss"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     before = state.get("config", {}).get("epochs", cfg.epochs)
@@ -1057,7 +1099,12 @@ def _last_metrics(out: str) -> dict[str, Any]:
     return history[-1] if history else {}
 
 
-def _resolved_config(cfg: TrainConfig, run: _Run, student_input: InputConvention) -> dict:
+def _resolved_config(
+    cfg: TrainConfig,
+    run: _Run,
+    student_input: InputConvention,
+    features: feature_distill.FeatureDistill | None = None,
+) -> dict:
     """What ``config.json`` holds: the options, and what the run resolved them to."""
     return json.loads(
         json.dumps(
@@ -1074,7 +1121,9 @@ def _resolved_config(cfg: TrainConfig, run: _Run, student_input: InputConvention
                 "train_samples": run.index.num_samples,
                 "data_fingerprint": run.index.fingerprint,
                 "cache_epochs": len(run.cache_epochs) or None,
-                "loss_resolved": run.loss.describe(),
+                "loss_resolved": "+".join(
+                    x for x in (run.loss.describe(), features and features.describe()) if x
+                ),
             }
         )
     )  # as JSON has it (tuples as lists), to compare with a config.json read back

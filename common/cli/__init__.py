@@ -277,6 +277,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from kdcache.features import layer_table
+    from kdcache.models import BUILTIN, load_model
+
+    if not args.layers:
+        forms = ["kdcache:" + n for n in BUILTIN] + [
+            "torchvision:NAME",
+            "timm:NAME[.TAG]",
+            "pkg.module:factory",
+        ]
+        _emit(args, {"specs": forms}, lambda: print("\n".join(forms)))
+        return 0
+    model = load_model(
+        args.layers,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        default_classes=10,
+        weights=None,
+    )
+    rows = layer_table(model.module, args.image_size)
+    result = {"model": args.layers, "image_size": args.image_size, "layers": rows}
+
+    def human() -> None:
+        width = max(len(name) for name, _, _ in rows)
+        kinds = max(len(kind) for _, kind, _ in rows)
+        for name, kind, shape in rows:
+            print(f"{name:<{width}}  {kind:<{kinds}}  {' x '.join(map(str, shape))}")
+
+    _emit(args, result, human)
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from kdcache.cli.ablate import SHARED_OPTIONS, AblateConfig, ablate, format_table, with_smoke
     from kdcache.train.config import TrainConfig
@@ -589,6 +621,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "models",
+        help="the model specs, and a model's layers with their output shapes",
+        description="Without --layers: the forms a model spec takes. With --layers SPEC: every "
+        "layer the model's forward calls, by the module path --features names it by, with its "
+        "class and output shape (C x H x W) for one input of --image-size px. Random weights: "
+        "nothing is loaded or downloaded.",
+    )
+    p.add_argument("--layers", metavar="SPEC", help="a model spec, e.g. torchvision:resnet18")
+    p.add_argument("--image-size", type=int, default=224, help="input px [224]")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="classes of the head [its own, else 10]"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "demo",
