@@ -185,6 +185,14 @@ class TrainConfig:
         metavar="N",
         group=RUN,
     )
+    retrieval: bool = option(
+        False,
+        help="also score retrieval at each evaluation: 11-point interpolated mAP "
+        "(retrieval_map_cosine, retrieval_map_euclidean) of the val images as queries against "
+        "the training images (the first --limit) as the database, embeddings the input of the "
+        "student's last linear layer, as InDistill reports it",
+        group=RUN,
+    )
     window: int = 4  # units shuffled together inside an epoch
     workers: int = option(2, help=WORKERS_HELP, group=OPTIM)
     device: str = option("auto", help=DEVICE_HELP, group=OPTIM)

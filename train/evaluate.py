@@ -222,11 +222,15 @@ def evaluate_saved(
     label_map: str | None = None,
     teacher_mean: tuple[float, float, float] | None = None,
     teacher_std: tuple[float, float, float] | None = None,
+    retrieval: bool = False,
+    database: str | None = None,
 ) -> dict:
     """``kdcache eval``: score a run directory (model.pt + config.json) or a weights file.
 
     Sizes, class count and input conventions default to the run's (its config.json); the
-    teacher's image size to the run's teacher's (the cache's in cached mode).
+    teacher's image size to the run's teacher's (the cache's in cached mode). ``retrieval``:
+    also the retrieval mAPs (:mod:`kdcache.train.retrieval`) of ``data`` as queries against
+    ``database`` (default: the run's training data, its first ``--limit`` samples).
     """
     weights, run = _run_config(path)
     model_spec = model_spec or run.get("student")
@@ -286,4 +290,25 @@ def evaluate_saved(
         basis=basis,
         label_map=mapping,
     )
+    if retrieval:
+        from kdcache.train.retrieval import retrieval_scores
+
+        if not (database or run.get("data")):
+            raise KdcacheError(
+                f"--retrieval needs a database: {path} is not a run directory with a "
+                "config.json; give --database DATA (labelled shards)"
+            )
+        db = load_index(database or run["data"])
+        scores.update(
+            retrieval_scores(
+                model.module,
+                db,
+                index,
+                size,
+                dev,
+                workers,
+                model.convention,
+                None if database else run.get("limit"),
+            )
+        )
     return {"model": model_spec, "weights": weights, "samples": index.num_samples, **scores}

@@ -44,6 +44,7 @@ from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
 from kdcache.train.order import epoch_order, pass_batches
+from kdcache.train.retrieval import retrieval_scores
 from kdcache.train.step import student_pixels, train_step, zero_pixels
 from kdcache.views import ViewSpec, get_spec
 
@@ -662,6 +663,19 @@ def _fit(
             )
             metrics["val_accuracy"] = scores.pop("accuracy")
             metrics.update(scores)
+            if cfg.retrieval:
+                metrics.update(
+                    retrieval_scores(
+                        bare,
+                        run.index,
+                        run.val,
+                        run.image_size,
+                        device,
+                        cfg.workers,
+                        student_input,
+                        cfg.limit,
+                    )
+                )
         metrics = {"epoch": end, **metrics}
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started  # train + eval
         pos = _Position(end)

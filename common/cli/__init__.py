@@ -272,6 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label_map=args.label_map,
         teacher_mean=args.teacher_mean,
         teacher_std=args.teacher_std,
+        retrieval=args.retrieval,
+        database=args.database,
     )
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
@@ -618,6 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _convention(p, "teacher")
     p.add_argument("--label-map", metavar="FILE", help=LABEL_MAP_HELP)
+    p.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="also report retrieval_map_cosine and retrieval_map_euclidean: 11-point "
+        "interpolated mAP of --data as queries against the database (embeddings: the input of "
+        "the model's last linear layer)",
+    )
+    p.add_argument(
+        "--database", metavar="DATA", help="retrieval database shards [the run's training data]"
+    )
     _device(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
