@@ -394,6 +394,12 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "teacher_agreement": last.get("teacher_agreement", float("nan")),
                 "images_per_s": sum(m["images_per_s"] for m in h) / len(h),
                 "wall_seconds": r["wall_seconds"],
+                # --retrieval runs: the last evaluation's mAPs
+                **{
+                    f"final_{k}": last[k]
+                    for k in ("retrieval_map_cosine", "retrieval_map_euclidean")
+                    if k in last
+                },
             }
         )
     keys = per_seed[0].keys()
