@@ -1,7 +1,8 @@
 """Intermediate features of a model, by the module paths its state dict already uses.
 
 A layer is named by its path in ``model.named_modules()``: ``layer2`` (torchvision's ResNet),
-``features.6``, ``blocks.3`` (timm), ``3`` (the built-ins' ``nn.Sequential``). Nothing is
+``features.6``, ``blocks.3`` (timm), ``3`` (the built-ins' ``nn.Sequential``); ``embed`` is
+the input of the model's last linear layer (its embedding). Nothing is
 renamed: the state-dict keys and the weights hash depend on the names. :class:`Tap` captures
 the outputs of named layers with forward hooks; :func:`layer_table` lists every layer with its
 output shape (``kdcache models --layers SPEC``). ``--features`` pairs them,
@@ -11,7 +12,7 @@ output shape (``kdcache models --layers SPEC``). ``--features`` pairs them,
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kdcache.errors import KdcacheError
@@ -65,22 +66,69 @@ def _tensor(output: object, path: str) -> torch.Tensor:
     )
 
 
+EMBED = "embed"  # the input of the model's last nn.Linear: its embedding
+
+
+def embedding_layer(model: nn.Module) -> nn.Module:
+    """The model's last ``nn.Linear`` (its head): its input is the embedding."""
+    from torch import nn
+
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise KdcacheError(
+            f"{type(model).__name__} has no nn.Linear layer whose input would be its embedding; "
+            f"'{EMBED}' needs a model with a linear head"
+        )
+    return linear[-1]
+
+
 class Tap:
     """Forward hooks on the layers ``paths`` of ``model``: after a forward, :meth:`take`
     returns their outputs in that order (each a clone, so an in-place op after the layer, such
-    as ``ReLU(inplace=True)``, does not change what was captured; gradients flow through it)."""
+    as ``ReLU(inplace=True)``, does not change what was captured; gradients flow through it).
 
-    def __init__(self, model: nn.Module, paths: Sequence[str], what: str):
+    The path ``embed`` is the input of the model's last linear layer, flattened to (B, D).
+    substitutes: path -> (source path, module): that path's feature is ``module`` applied to
+    the input of the layer at ``source`` instead (a pruned copy, :mod:`kdcache.prune`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Sequence[str],
+        what: str,
+        substitutes: Mapping[str, tuple[str, nn.Module]] | None = None,
+    ):
         self.paths = list(paths)
         self._out: dict[str, torch.Tensor] = {}
         self._hooks = []
+        substitutes = substitutes or {}
         for path in dict.fromkeys(self.paths):  # a layer named twice is hooked once
-            module = module_at(model, path, what)
-            self._hooks.append(module.register_forward_hook(self._keep(path)))
+            if path in substitutes:
+                source, replacement = substitutes[path]
+                module = module_at(model, source, what)
+                hook = module.register_forward_hook(self._instead(path, replacement))
+            elif path == EMBED:
+                hook = embedding_layer(model).register_forward_pre_hook(self._input(path))
+            else:
+                module = module_at(model, path, what)
+                hook = module.register_forward_hook(self._keep(path))
+            self._hooks.append(hook)
 
     def _keep(self, path: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             self._out[path] = _tensor(output, path).clone()
+
+        return hook
+
+    def _input(self, path: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self._out[path] = inputs[0].flatten(1).clone()
+
+        return hook
+
+    def _instead(self, path: str, replacement: nn.Module):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            self._out[path] = replacement(inputs[0])
 
         return hook
 
@@ -104,9 +152,10 @@ class Tap:
 def layer_shapes(
     model: nn.Module, image_size: int, paths: Sequence[str] | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Output shape of each layer (all named submodules when ``paths`` is None) for one
-    (1, 3, S, S) zero input on the model's device, batch dimension dropped; layers whose output is not a tensor, or that
-    the forward does not call, are left out."""
+    """Output shape of each layer (all named submodules when ``paths`` is None; ``embed``
+    the head's input) for one (1, 3, S, S) zero input on the model's device, batch dimension
+    dropped; layers whose output is not a tensor, or that the forward does not call, are left
+    out."""
     import torch
 
     modules = dict(model.named_modules())
@@ -114,6 +163,13 @@ def layer_shapes(
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name in names:
+        if name == EMBED and paths is not None:
+
+            def pre(module, inputs):
+                shapes[EMBED] = tuple(inputs[0].flatten(1).shape[1:])
+
+            hooks.append(embedding_layer(model).register_forward_pre_hook(pre))
+            continue
         module = modules[name] if paths is None else module_at(model, name, "--features")
 
         def hook(module, inputs, output, name=name):

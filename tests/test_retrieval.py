@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, small_run
 
+from kdcache.features import embedding_layer
 from kdcache.models import load_model
-from kdcache.train.retrieval import RECALL_LEVELS, _nearest, embedding_layer, mean_average_precision
+from kdcache.train.retrieval import RECALL_LEVELS, _nearest, mean_average_precision
 from kdcache.train.trainer import fit
 
 

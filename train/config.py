@@ -149,7 +149,23 @@ class TrainConfig:
         help="feature terms added to --loss on the --features pairs: fitnet(w), at(w, p), "
         "rkd(w_dist, w_angle), pkt(w), mse(w), joined by +; the same as writing them in --loss",
         metavar="SPEC",
-        shown="fitnet(w=1.0) with --features when --loss names no feature term",
+        shown="fitnet(w=1.0) with --features, without --loss or --curriculum",
+        group=OPTIM,
+    )
+    prune_teacher: bool = option(
+        False,
+        help="InDistill's width alignment: each --features teacher layer (a Conv2d, or the "
+        "BatchNorm2d after one) wider than its student layer is replaced, for distillation "
+        "only, by a copy keeping its highest-L1 filters, as many as the student layer has",
+        group=OPTIM,
+    )
+    curriculum: str | None = option(
+        None,
+        help="InDistill's layer curriculum: distil the --features pairs one at a time, named "
+        "by their teacher layer, for so many epochs each (rest: to the end), MSE on maps and "
+        "PKT on embed, before the run's own --loss; e.g. " + "'layer1:3,layer2:4,layer3:5,"
+        "embed:rest'",
+        metavar="STAGES",
         group=OPTIM,
     )
     reuse: str = option(
@@ -290,11 +306,12 @@ class TrainConfig:
     @property
     def loss_spec(self) -> str:
         """The whole loss as one spec: ``--loss`` (or the mode's default), then the terms of
-        ``--feature-loss``, or ``fitnet`` when ``--features`` is given and no term uses it."""
+        ``--feature-loss``, or ``fitnet`` when ``--features`` is given without ``--loss`` or
+        ``--curriculum``."""
         spec = self.loss if self.loss is not None else self.mode.default_loss(self.temperature)
         if self.feature_loss:
             spec = f"{spec}+{self.feature_loss}"
-        elif self.features and self.loss is None:
+        elif self.features and self.loss is None and not self.curriculum:
             spec = f"{spec}+{DEFAULT_FEATURE_LOSS}"
         return spec
 
@@ -372,9 +389,15 @@ class TrainConfig:
         if terms and not self.features:
             names = ", ".join(dict.fromkeys(t.name for t in terms))
             return [f"the feature loss {names} needs --features TEACHER_LAYER=STUDENT_LAYER,..."]
+        if (self.prune_teacher or self.curriculum) and not self.features:
+            return ["--prune-teacher and --curriculum need --features TEACHER_LAYER=STUDENT_LAYER"]
         if self.features:
             try:
-                parse_pairs(self.features)
+                pairs = parse_pairs(self.features)
+                if self.curriculum:
+                    from kdcache.train.feature_distill import parse_curriculum
+
+                    parse_curriculum(self.curriculum, [t for t, _ in pairs])
             except KdcacheError as e:
                 return [str(e)]
             if not (mode.runs_teacher and mode.sees_student_views):

@@ -19,24 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdcache.data.index import DatasetIndex
-from kdcache.errors import KdcacheError
+from kdcache.features import embedding_layer
 from kdcache.render import IMAGENET, InputConvention
 from kdcache.runtime import autocast, loader_kwargs
 from kdcache.train.evaluate import eval_batches
 
 METRICS = ("cosine", "euclidean")
 RECALL_LEVELS = torch.linspace(0, 1, 11)
-
-
-def embedding_layer(model: nn.Module) -> nn.Module:
-    """The model's last ``nn.Linear`` (its head): its input is the embedding."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise KdcacheError(
-            f"{type(model).__name__} has no nn.Linear layer whose input would be its embedding; "
-            "retrieval needs a model with a linear head"
-        )
-    return linear[-1]
 
 
 @torch.no_grad()

@@ -372,11 +372,18 @@ def _loss(
     logits: torch.Tensor,
     target: T.SparseTarget,
     features: feature_distill.FeatureDistill | None = None,
+    epoch: int = 0,
 ) -> torch.Tensor:
     """The run's loss: ``--loss``, or the mode's default (KL at ``--temperature``, or
-    cross-entropy on labels), plus its feature terms on the ``--features`` pairs."""
+    cross-entropy on labels), plus its feature terms on the ``--features`` pairs; during a
+    ``--curriculum`` stage (``epoch``: the pass's first) that stage's feature loss alone."""
+    if features is None:
+        return run.loss(logits, target)
+    if features.stage(epoch) is not None:  # every parameter stays in the graph (DDP)
+        return features(epoch) + logits.sum() * 0.0
+    extra = features(epoch)
     value = run.loss(logits, target)
-    return value if features is None else value + features()
+    return value if extra is None else value + extra
 
 
 def _save_atomic(obj: Any, path: str) -> None:
@@ -427,6 +434,8 @@ RUN_OPTIONS = (
     "loss",
     "features",
     "feature_loss",
+    "prune_teacher",
+    "curriculum",
     "window",
     "limit",
     "num_classes",
@@ -608,6 +617,8 @@ def _fit(
         device,
         ranks.enabled,
         cfg.seed,
+        prune=cfg.prune_teacher,
+        curriculum=cfg.curriculum,
     )
     resolved = _resolved_config(cfg, run, student_input, features)
     _check_expected(expect or {}, resolved)
@@ -618,7 +629,7 @@ def _fit(
     bare = student.module if ranks.enabled else student  # what checkpoints and eval see
     trained = list(student.parameters())
     if features is not None:  # FitNets' regressors and the like train with the student
-        trained += list(features.loss.parameters())
+        trained += features.parameters()
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     samples = min(run.index.num_samples, cfg.limit or run.index.num_samples)
     steps_per_epoch = -(-samples // cfg.batch_size)
@@ -804,7 +815,9 @@ class _Saver:
                 "rng": torch.get_rng_state(),
                 "config": asdict(self.cfg),
                 # the loss's own trainable parts (FitNets' regressors), when it has any
-                "feature_loss": None if self.features is None else self.features.loss.state_dict(),
+                "feature_loss": None
+                if self.features is None or self.features.loss is None
+                else self.features.loss.state_dict(),
             },
             os.path.join(self.cfg.out, "checkpoint.pt"),
         )
@@ -945,7 +958,7 @@ def _train_epoch(
             optimizer,
             pixels,
             target,
-            lambda z, t: _loss(run, z, t, learner.features),
+            lambda z, t: _loss(run, z, t, learner.features, epoch),
             cfg.clip_grad,
             device,
         )
@@ -1027,7 +1040,7 @@ def _resume(
             f"{path} holds a run of {before}, whose weights do not fit --student {cfg.student}; "
             "resume with the run's own options, or choose another --out"
         ) from None
-    if features is not None:
+    if features is not None and features.loss is not None:
         features.loss.load_state_dict(state["feature_loss"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
