@@ -107,3 +107,19 @@ def test_train_two_ranks(tmp_path, train_dir, val_dir, tiny_cache):
     last = json.loads(lines[-1])
     assert np.isfinite(last["train_loss"]) and 0 <= last["val_accuracy"] <= 1
     assert (out / "model.pt").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_feature_distillation_two_ranks(tmp_path, train_dir, val_dir):
+    """A fitnet regressor under DDP: trained on both ranks, in the checkpoint, finite."""
+    import torch
+
+    out = tmp_path / "run"
+    torchrun("train", "--data", train_dir, "--val", val_dir, "--student", "kdcache:tiny_cnn",
+             "--out", out, "--epochs", 1, "--teacher-mode", "online", "--teacher",
+             "kdcache:resnet_s", "--features", "4=5", "--loss", "kl+fitnet+rkd",
+             "--image-size", 12, "--batch-size", 8, "--limit", 16, "--workers", 0,
+             "--device", "cpu")  # fmt: skip
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(last["train_loss"])
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["feature_loss"]
+    assert state["terms.0.regressors.0.weight"].shape == (64, 32, 1, 1)

@@ -162,3 +162,32 @@ def test_features_alone_mean_fitnet_and_feature_loss_adds_terms():
     assert cfg(features="4=4", feature_loss="pkt").loss_spec == "kl(t=1.0)+pkt"
     assert cfg(features="4=4", loss="dkd").loss_spec == "dkd"  # no feature term: a warning
     assert cfg(features="4=4", loss="dkd+rkd").create_loss().describe().startswith("dkd(")
+
+
+def test_a_timm_models_layers_tap_by_their_names():
+    pytest.importorskip("timm")
+    model = load_model("timm:resnet18", image_size=32, num_classes=10).module.eval()
+    tap = Tap(model, ["layer3", "embed"], "--features")
+    model(torch.zeros(2, 3, 32, 32))
+    layer3, embed = tap.take()
+    assert layer3.shape == (2, 256, 2, 2) and embed.shape == (2, 512)
+
+
+def test_a_whole_step_moves_the_student_and_the_regressor_not_the_teacher():
+    """The online step's parts as the trainer wires them: the teacher runs under no_grad
+    (runtime.teacher_logits) with its tap, the student with its own, KL plus fitnet."""
+    from kdcache import targets as T
+    from kdcache.losses import create_loss
+    from kdcache.runtime import teacher_logits
+
+    teacher = load_model(TEACHER, image_size=16, num_classes=10, seed=1).module.eval()
+    student = load_model(STUDENT, image_size=16, num_classes=10, seed=2).module
+    t_tap, s_tap = Tap(teacher, ["4"], "t"), Tap(student, ["5"], "s")
+    feature = create_feature_loss(parse("fitnet", "+"), [((64, 8, 8), (32, 8, 8))])
+    x = torch.randn(4, 3, 16, 16)
+    target = T.from_logits(teacher_logits(teacher, x, torch.device("cpu")))
+    loss = create_loss("kl")(student(x), target) + feature(s_tap.take(), t_tap.take())
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(float(p.grad.abs().sum()) > 0 for p in feature.parameters())

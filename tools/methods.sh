@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The methods comparison of issue 15 (docs/methods.md). Run from the repo root:
-#   bash tools/methods.sh        (about 1 CPU-hour on 2 cores; re-run it to resume)
+#   bash tools/methods.sh        (about 1.5 CPU-hours on 2 cores; re-run it to resume)
 # Every step reuses what is finished (shards, the teacher, caches, runs, committed summaries).
 # Digits at 32 px, the first 512 training images, tiny_cnn students of a resnet_s teacher
 # trained on the consistent views it is asked about (the set-up of docs/patience.md), 60
@@ -41,3 +41,20 @@ stamp maps
 $K ablate "${COMMON[@]}" --results $R/embed --out embed --mode online:"$CONS" --features 7=12 \
   --loss 'kl+rkd' --loss 'kl+pkt' | tail -1 > embed.json
 stamp embed
+# 5. InDistill's width alignment alone: resnet_s's 4.bn2 and 5.bn2 (64 and 128 channels, before
+#    the shortcut is added) pruned to tiny_cnn's 5 and 9 (32 and 64), compared by MSE, plus KL.
+$K ablate "${COMMON[@]}" --results $R/pruned --out pruned --mode online:"$CONS" \
+  --features 4.bn2=5,5.bn2=9 --prune-teacher --loss 'kl+mse' | tail -1 > pruned.json
+stamp pruned
+# 6. InDistill: the pruned maps and the embeddings one at a time in the first 12 epochs (the
+#    reference's 3, 4, 5), MSE then PKT, then KL for the remaining 48.
+$K ablate "${COMMON[@]}" --results $R/indistill --out indistill --mode online:"$CONS" \
+  --features 4.bn2=5,5.bn2=9,embed=embed --prune-teacher --curriculum 4.bn2:3,5.bn2:4,embed:5 \
+  --loss kl | tail -1 > indistill.json
+stamp indistill
+# 7. InDistill as the reference ends it: PKT on the embeddings to the end, no logit loss (a
+#    retrieval model: its head is never trained, so its accuracy means nothing).
+$K ablate "${COMMON[@]}" --results $R/indistill_rest --out indistill_rest --mode online:"$CONS" \
+  --features 4.bn2=5,5.bn2=9,embed=embed --prune-teacher \
+  --curriculum 4.bn2:3,5.bn2:4,embed:rest --loss kl | tail -1 > indistill_rest.json
+stamp indistill_rest

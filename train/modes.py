@@ -46,9 +46,9 @@ def _labels(item: dict, run: Any, device: Any) -> Any:
     """Hard labels, mixed as the views were (``lam`` and the partner's label)."""
     from kdcache import targets as T
 
-    return T.from_labels(item["label"], item["partner_label"], item["lam"], run.num_classes).to(
-        device, non_blocking=True
-    )
+    target = T.from_labels(item["label"], item["partner_label"], item["lam"], run.num_classes)
+    target.labels = T.Labels(item["label"].long(), item["partner_label"].long(), item["lam"])
+    return target.to(device, non_blocking=True)
 
 
 def _kl_at(temperature: float) -> str:
