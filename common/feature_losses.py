@@ -222,7 +222,89 @@ class PKT(FeatureLoss):
         return total
 
 
-CLASSES: dict[str, type[FeatureLoss]] = {c.name: c for c in (MSE, FitNet, AT, RKD, PKT)}
+def channel_wise_divergence(s: torch.Tensor, t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021): each channel's map a distribution over
+    the spatial positions (softmax of x / tau); KL(teacher || student) summed over positions,
+    times tau², averaged over batch and channels. (B, C, H, W) both -> scalar."""
+    t = t.flatten(2) / tau
+    s = s.flatten(2) / tau
+    p = F.softmax(t, dim=2)
+    kl = (p * (F.log_softmax(t, dim=2) - F.log_softmax(s, dim=2))).sum(2)
+    return kl.mean() * tau**2
+
+
+class AKD(FeatureLoss):
+    """Avatar knowledge distillation (Zhang et al., ACM MM 2023), as Gumpest/AvatarKD's
+    ``mmrazor/models/losses/akd_*.py`` computes it: an avatar of each teacher map by inverted
+    elementwise dropout (``p``; a fresh mask per map and call), the avatar and the student's map
+    (through a 1x1 connector where the widths differ) standardised by one parameter-free
+    ``BatchNorm2d(affine=False)`` per pair, each call with its own batch statistics, then the
+    base loss: ``cwd`` (channel-wise distillation at ``tau``) or ``mse``. The released CWD
+    variant computes the standardised avatar and then compares the raw one; this follows its
+    MGD and MasKD variants, which compare the standardised one.
+
+    Masks come from a generator seeded by the run's ``--seed`` (drawn when the loss is built)
+    and a call counter kept in the module's state (``checkpoint.pt``), so a resumed run draws
+    the same masks; under torchrun each rank adds its rank."""
+
+    name = "akd"
+    needs_4d = True
+    BASES: ClassVar[tuple[str, ...]] = ("cwd", "mse")
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[Shape, Shape]],
+        p: float = 0.1,
+        base: str = "cwd",
+        tau: float = 1.0,
+    ):
+        super().__init__(shapes)
+        self.p, self.tau = _check_weight("p", p), _check_weight("tau", tau)
+        if not 0 <= self.p < 1:
+            raise ValueError(f"the avatar dropout p must be in [0, 1), got {p!r}")
+        if base not in self.BASES:
+            raise ValueError(f"base must be one of {', '.join(self.BASES)}, got {base!r}")
+        self.base = base
+        self.connectors = nn.ModuleList(
+            [nn.Identity() if t[0] == s[0] else nn.Conv2d(s[0], t[0], 1) for t, s in self.shapes]
+        )
+        self.norms = nn.ModuleList(
+            [nn.BatchNorm2d(t[0], affine=False, track_running_stats=False) for t, _ in self.shapes]
+        )
+        self.seed = int(torch.randint(0, 2**62, ()))  # from the run's seeded RNG (the trainer)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def avatars(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One avatar per teacher map: ``t * mask / (1 - p)``, mask ~ Bernoulli(1 - p)."""
+        if self.p == 0:
+            return list(teacher)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        g = torch.Generator(device=teacher[0].device)
+        g.manual_seed((self.seed + 1_000_003 * int(self.calls) + 7919 * rank) % 2**63)
+        out = []
+        for t in teacher:
+            keep = torch.rand(t.shape, generator=g, device=t.device, dtype=torch.float32)
+            out.append(t * (keep >= self.p).to(t.dtype) / (1 - self.p))
+        return out
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        avatars = self.avatars([t.detach().float() for t in teacher])
+        self.calls += 1
+        total = None
+        for i, (s, a) in enumerate(zip(student, avatars, strict=True)):
+            s, a = match_spatial(self.connectors[i](s.float()), a)
+            s, a = self.norms[i](s), self.norms[i](a)
+            value = (
+                channel_wise_divergence(s, a, self.tau) if self.base == "cwd" else F.mse_loss(s, a)
+            )
+            total = value if total is None else total + value
+        return total
+
+    def arguments(self) -> dict[str, object]:
+        return {"p": self.p, "base": self.base, "tau": self.tau}
+
+
+CLASSES: dict[str, type[FeatureLoss]] = {c.name: c for c in (MSE, FitNet, AT, RKD, PKT, AKD)}
 
 
 class FeatureSum(nn.Module):

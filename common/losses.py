@@ -57,6 +57,7 @@ FEATURE_LOSSES: dict[str, str] = {
     "rkd": "relational KD: distances (w_dist) and angles (w_angle) within the batch",
     "pkt": "probabilistic knowledge transfer: cosine and distance kernels, Jeffreys divergence",
     "mse": "MSE between maps of the same shape, no regressor (InDistill's pruned teacher)",
+    "akd": "avatar KD: dropout avatars of the teacher's maps, standardised, CWD or MSE",
 }
 
 # What a loss can need from a run, checked before the first step (``needs_of``):

@@ -152,6 +152,24 @@ class TrainConfig:
         shown="fitnet(w=1.0) with --features, without --loss or --curriculum",
         group=OPTIM,
     )
+    akd_features: str | None = option(
+        None,
+        help="avatar KD, online mode: layer pairs TEACHER_LAYER=STUDENT_LAYER,... as for "
+        "--features; each step, dropout avatars of the teacher's maps (--avatar-drop), "
+        "standardised with the student's by BatchNorm(affine=False), compared by --akd-loss "
+        "and added to --loss (the same as --features PAIRS --loss 'LOSS+akd(p=P, base=B)')",
+        metavar="PAIRS",
+        group=OPTIM,
+    )
+    avatar_drop: float = option(
+        0.1, help="the avatars' elementwise dropout probability (--akd-features)", group=OPTIM
+    )
+    akd_loss: str = option(
+        "cwd",
+        help="the avatars' base loss: cwd (channel-wise distillation, tau 1) or mse",
+        choices=("cwd", "mse"),
+        group=OPTIM,
+    )
     prune_teacher: bool = option(
         False,
         help="InDistill's width alignment: each --features teacher layer (a Conv2d, or the "
@@ -309,11 +327,18 @@ class TrainConfig:
         ``--feature-loss``, or ``fitnet`` when ``--features`` is given without ``--loss`` or
         ``--curriculum``."""
         spec = self.loss if self.loss is not None else self.mode.default_loss(self.temperature)
+        if self.akd_features:
+            return f"{spec}+akd(p={float(self.avatar_drop)!r}, base='{self.akd_loss}')"
         if self.feature_loss:
             spec = f"{spec}+{self.feature_loss}"
         elif self.features and self.loss is None and not self.curriculum:
             spec = f"{spec}+{DEFAULT_FEATURE_LOSS}"
         return spec
+
+    @property
+    def feature_pairs(self) -> str | None:
+        """The layer pairs the feature terms apply to: ``--features`` or ``--akd-features``."""
+        return self.akd_features or self.features
 
     def validate(self) -> None:
         """Check the options against each other; report every problem at once."""
@@ -385,15 +410,23 @@ class TrainConfig:
     def _feature_pairing(self, mode: TeacherMode) -> list[str]:
         """--features and the feature terms of the loss, checked against each other and the
         mode (the teacher's features exist only where it runs live on the student's views)."""
+        if self.akd_features and (self.features or self.feature_loss or self.curriculum):
+            return [
+                "--akd-features is --features PAIRS with an akd term: give --features and "
+                "write akd(p=..., base=...) in --loss to combine it with other feature terms"
+            ]
+        if not 0 <= self.avatar_drop < 1:
+            return [f"--avatar-drop must be in [0, 1), got {self.avatar_drop}"]
         terms = feature_terms(self.loss_spec)
-        if terms and not self.features:
+        pairs_spec = self.feature_pairs
+        if terms and not pairs_spec:
             names = ", ".join(dict.fromkeys(t.name for t in terms))
             return [f"the feature loss {names} needs --features TEACHER_LAYER=STUDENT_LAYER,..."]
-        if (self.prune_teacher or self.curriculum) and not self.features:
+        if (self.prune_teacher or self.curriculum) and not pairs_spec:
             return ["--prune-teacher and --curriculum need --features TEACHER_LAYER=STUDENT_LAYER"]
-        if self.features:
+        if pairs_spec:
             try:
-                pairs = parse_pairs(self.features)
+                pairs = parse_pairs(pairs_spec)
                 if self.curriculum:
                     from kdcache.train.feature_distill import parse_curriculum
 

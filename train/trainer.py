@@ -436,6 +436,9 @@ RUN_OPTIONS = (
     "feature_loss",
     "prune_teacher",
     "curriculum",
+    "akd_features",
+    "avatar_drop",
+    "akd_loss",
     "window",
     "limit",
     "num_classes",
@@ -609,7 +612,7 @@ def _fit(
     student = prepare_model(built.module, device, eval_mode=False)
     features = feature_distill.build(
         cfg.loss_spec,
-        cfg.features,
+        cfg.feature_pairs,
         run.teacher.module if run.teacher is not None else None,
         run.teacher_image_size,
         student,
