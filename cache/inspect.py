@@ -23,11 +23,13 @@ def summary(cache: Cache) -> dict[str, Any]:
     by_op = None
     if sizes.get("bytes_per_row_by_array"):
         # Which op's parameters each array holds (the teacher's outputs and the row status are
-        # "teacher" and "status"; the view's replay seed is "view").
+        # "teacher" and "status", the avatar ensembles "avatars"; the view's replay seed is
+        # "view").
         owners = cache.spec.field_owners()
         by_op = {}
         for name, value in sizes["bytes_per_row_by_array"].items():
-            owner = owners.get(name) or {"seed": "view", "status": "status"}.get(name, "teacher")
+            owner = owners.get(name) or {"seed": "view", "status": "status"}.get(name)
+            owner = owner or ("avatars" if name.startswith("avatar_") else "teacher")
             by_op[owner] = round(by_op.get(owner, 0.0) + value, 2)
     m = cache.meta
     return {
@@ -49,6 +51,9 @@ def summary(cache: Cache) -> dict[str, Any]:
         "bytes_per_row_by_op": by_op,
         "plan_seed": m["plan_seed"],
         "topk": m["topk"],
+        # avatar ensembles (Avatar KD): {"n": N, "drop": P, "site": LAYER}, n 0 for none; their
+        # bytes are bytes_per_row_by_op["avatars"]
+        "avatars": cache.avatars,
         "num_classes": m["num_classes"],
         "teacher_image_size": m["teacher_image_size"],
         "integrity": (

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdcache import avatars as A
 from kdcache import schema
 from kdcache.data.index import load_index
 from kdcache.errors import CacheDamagedError, KdcacheError
@@ -27,6 +28,7 @@ from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teache
 from kdcache.store import Cache, open_cache
 from kdcache.teacher_pass import cache_identity
 from kdcache.units import UnitReader, needed_images
+from kdcache.views import view_keys
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +110,17 @@ class _Views(Dataset):
         convention = self.cache.teacher_input
         resample = self.cache.spec.resample("teacher", convention.interpolation)
         pixels = render_views(views, rows, images, self.size, convention, resample)
-        return {
+        item = {
             "pixels": pixels,
             "topk_index": torch.from_numpy(targets["topk_index"][positions].astype(np.int64)),
             "topk_logits": torch.from_numpy(targets["topk_logits"][positions].astype(np.float32)),
         }
+        if schema.has_avatars(self.cache.avatars):  # the avatars' masks come from the view keys
+            item["keys"] = view_keys(self.cache.plan_seed, epoch, rows).view(np.int64)
+            for name, dtype in (("avatar_topk_index", np.int64), ("avatar_topk_logits", np.float32),
+                                ("avatar_u", np.float32)):  # fmt: skip
+                item[name] = torch.from_numpy(targets[name][positions].astype(dtype))
+        return item
 
 
 def verify(
@@ -133,7 +141,8 @@ def verify(
     """Check every checksum, then re-run the teacher on ``samples`` random usable cached views.
 
     -> {"checked", "requested", "top1_agreement", "topk_set_agreement", "max_abs_logit_error",
-    ...}. Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
+    ...; a cache with avatars also "avatar_top1_agreement", "avatar_max_abs_logp_error" and
+    "avatar_max_abs_u_error": the avatars re-made from the stored views' keys}. Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
     ``repair`` the damaged units are recomputed (and only those) before the views are checked.
     progress: called once with ``(0, total=views to check)``, then with views checked.
     """
@@ -317,8 +326,23 @@ def _compare(
     loader = DataLoader(views, batch_size=None, **loader_kwargs(workers))
     top1 = setk = checked = 0
     max_err = 0.0
+    avatars = cache.avatars
+    a_top1 = 0
+    a_err = u_err = 0.0
     for item in loader:
-        logits = teacher_logits(teacher, item["pixels"], dev).cpu()
+        if schema.has_avatars(avatars):
+            n = int(avatars["n"])
+            seeds = A.mask_keys(item["keys"].numpy().view(np.uint64), n)
+            with A.perturbed(teacher, avatars["site"], seeds, float(avatars["drop"])):
+                stacked = teacher_logits(teacher, item["pixels"], dev)
+            logits, log_ens, u = (x.cpu() for x in A.ensemble(stacked, n))
+            a_idx = item["avatar_topk_index"]
+            a_top1 += int((log_ens.argmax(1) == a_idx[:, 0]).sum())
+            err = (log_ens.gather(1, a_idx) - item["avatar_topk_logits"]).abs()
+            a_err = max(a_err, float(err.max()) if err.numel() else 0.0)
+            u_err = max(u_err, float((u - item["avatar_u"]).abs().max()) if len(u) else 0.0)
+        else:
+            logits = teacher_logits(teacher, item["pixels"], dev).cpu()
         cached_idx, cached_top = item["topk_index"], item["topk_logits"]
         live_idx = logits.topk(k, dim=1).indices
         top1 += int((live_idx[:, 0] == cached_idx[:, 0]).sum())
@@ -328,9 +352,14 @@ def _compare(
         checked += len(live_idx)
         if progress:
             progress(len(live_idx))
-    return {
+    out = {
         "checked": checked,
         "top1_agreement": top1 / checked,
         "topk_set_agreement": setk / checked,
         "max_abs_logit_error": max_err,
     }
+    if schema.has_avatars(avatars):  # the avatar ensembles re-made from the stored view keys
+        out["avatar_top1_agreement"] = a_top1 / checked
+        out["avatar_max_abs_logp_error"] = a_err
+        out["avatar_max_abs_u_error"] = u_err
+    return out

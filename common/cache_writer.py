@@ -157,7 +157,9 @@ def create_cache(
     if b < 1:
         raise ValueError(f"epochs_per_block must be at least 1, got {b}")
     # A cache of one epoch per block is laid out as version 2 always was, for any kdcache.
-    version = schema.SCHEMA_VERSION if b > 1 else schema.BLOCKS_VERSION - 1
+    version = schema.BLOCKS_VERSION if b > 1 else schema.BLOCKS_VERSION - 1
+    if schema.has_avatars(meta.get("avatars")):
+        version = schema.AVATARS_VERSION
     meta = {**meta, "slot": slot, "chunk_rows": chunk_rows, "schema_version": version}
     if b > 1:
         meta["epochs_per_block"] = b
@@ -179,7 +181,7 @@ def create_cache(
         raise KdcacheError(f"cannot create the cache at {path}: {e.strerror}") from None
     faults.point("group")
     k, c = int(meta["topk"]), int(meta["num_classes"])
-    row_fields = schema.row_fields(meta["views"])
+    row_fields = schema.row_fields(meta["views"], meta.get("avatars"))
     for field in row_fields:
         trail = schema.trailing_shape(field, k)
         group.create_array(

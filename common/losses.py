@@ -65,6 +65,7 @@ NEEDS = {
     "labels": "hard labels in the student's classes",
     "teacher": "a teacher's distribution (not --teacher-mode none)",
     "full": "the teacher's whole distribution (a live teacher, or a cache with k = classes)",
+    "avatars": "avatar ensembles: --teacher-mode cached with a cache made with --avatars N",
 }
 
 
@@ -228,6 +229,37 @@ class DKD:
 
     def describe(self) -> str:
         return format_term(self.name, {"alpha": self.alpha, "beta": self.beta, "t": self.t})
+
+
+@register_loss("avatar_kl")
+@dataclass(frozen=True)
+class AvatarKL:
+    """Avatar KD from the cache: KL(avatar ensemble || student) at ``t``, times t², of each
+    row weighted by its uncertainty: ``inverse`` 1 / (1 + u / mean u) over the batch, ``none``
+    1; the batch mean. ``--avatar-weight W`` adds it to the loss with weight W."""
+
+    t: float = 1.0
+    uncertainty: str = "inverse"
+    name: ClassVar[str] = "avatar_kl"
+    needs: ClassVar[frozenset[str]] = frozenset({"avatars"})
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.t)
+        if self.uncertainty not in ("inverse", "none"):
+            raise ValueError(f"uncertainty must be inverse or none, got {self.uncertainty!r}")
+
+    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
+        from kdcache import targets as T
+
+        if target.avatar is None:
+            raise KdcacheError("avatar_kl needs a cache made with --avatars N")
+        rows = T.kl_rows(student_logits, target.avatar, self.t)
+        if self.uncertainty == "inverse":
+            rows = rows * T.uncertainty_weight(target.avatar_u)
+        return rows.mean()
+
+    def describe(self) -> str:
+        return format_term(self.name, {"t": self.t, "uncertainty": self.uncertainty})
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,22 @@ class PrecomputeConfig:
         metavar="B",
         shown=f"{DEFAULT_EPOCHS_PER_BLOCK}",
     )
+    avatars: int = option(
+        0,
+        help="also store, per view, the ensemble of N avatars of the teacher (Avatar KD): the "
+        "teacher runs once up to --avatar-site, then N times through the rest with elementwise "
+        "dropout on that layer's input, masks drawn from the view's stream; the ensemble's "
+        "top-k log-probabilities and each view's uncertainty (train with --avatar-weight)",
+        metavar="N",
+    )
+    avatar_drop: float = option(0.1, help="the avatars' dropout probability", metavar="P")
+    avatar_site: str | None = option(
+        None,
+        help="the teacher layer whose input the avatars perturb (a module path; `kdcache "
+        "models --layers SPEC`)",
+        metavar="LAYER",
+        shown="the last top-level layer with a spatial output: the input of the last stage",
+    )
     chunk_rows: int | None = None
     limit: int | None = None  # only the units holding the first N samples (--smoke: 256)
     strict: bool = option(False, help=STRICT_HELP)
@@ -92,9 +108,12 @@ class PrecomputeConfig:
                 ("plan_seed", self.plan_seed, 0),
                 ("limit", self.limit, 1),
                 ("max_image_pixels", self.max_image_pixels, 1),
+                ("avatars", self.avatars, 0),
             )
             if value is not None and value < low
         ]
+        if not 0 <= self.avatar_drop < 1:
+            problems.append(f"--avatar-drop must be in [0, 1), got {self.avatar_drop}")
         try:
             get_spec(self.views)
         except KdcacheError as e:

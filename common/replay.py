@@ -24,6 +24,14 @@ from kdcache.views import (
 )
 
 TARGET_FIELDS = ("topk_logits", "topk_index", "lse")
+# A cache made with --avatars also gives each row its avatar ensemble's target.
+AVATAR_TARGET_FIELDS = ("avatar_topk_logits", "avatar_topk_index", "avatar_lse", "avatar_u")
+
+
+def target_fields(cache: Cache) -> tuple[str, ...]:
+    """The target arrays a replayed row carries: the teacher's, and the avatars' if any."""
+    extra = AVATAR_TARGET_FIELDS if schema.has_avatars(cache.avatars) else ()
+    return TARGET_FIELDS + extra
 
 
 def fresh_unit_views(
@@ -58,7 +66,7 @@ def cached_unit_views(
         spec=spec,
     )
     views.partner = views.partner.astype(np.int64)
-    targets = {name: rows[name] for name in TARGET_FIELDS}
+    targets = {name: rows[name] for name in target_fields(cache)}
     return views, rows["status"] == schema.OK, targets
 
 

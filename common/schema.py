@@ -32,8 +32,12 @@ import numpy as np
 # of version 2 would read such a cache right, but their writers would write its blocks an epoch
 # at a time (several ranks into one shard file), so they must refuse it: a cache with one epoch
 # per block is still written as version 2, and any kdcache reads and extends it.
-SCHEMA_VERSION = 3
+# 4: avatar ensembles (``--avatars N``): four more row arrays (AVATAR_FIELDS), named by the
+# ``avatars`` attribute. Readers of version 3 would take the manifest's extra checksums for
+# damage, so such a cache is version 4; a cache without avatars is written as before.
+SCHEMA_VERSION = 4
 BLOCKS_VERSION = 3  # the first version with epoch blocks
+AVATARS_VERSION = 4  # the first version with avatar ensembles
 FORMAT_NAME = "kdcache"
 
 # Row status. Anything but OK is skipped by training.
@@ -109,23 +113,53 @@ SAMPLE_FIELDS: tuple[Field, ...] = (
         doc="decoded image (height, width); (0, 0) when unreadable",
     ),
 )
+# With ``--avatars N`` (the ``avatars`` attribute: {"n": N, "drop": P, "site": LAYER}): the
+# avatar ensemble's target, as the teacher's, and the view's uncertainty.
+AVATAR_FIELDS: tuple[Field, ...] = (
+    Field(
+        "avatar_topk_logits",
+        "float16",
+        0.0,
+        ("k",),
+        doc="the avatar ensemble's k largest log-probabilities (log of the mean of the N "
+        "avatars' probabilities), descending",
+        shuffle="shuffle",
+    ),
+    Field("avatar_topk_index", "int16", 0, ("k",), doc="their class indices"),
+    Field("avatar_lse", "float32", 0.0, doc="log-sum-exp of the ensemble's log-probabilities"),
+    Field(
+        "avatar_u",
+        "float32",
+        0.0,
+        doc="uncertainty: variance over the N avatars of KL(avatar || teacher)",
+    ),
+)
+NO_AVATARS: dict[str, Any] = {"n": 0}
 ROW_NAMES = tuple(f.name for f in ROW_FIELDS)  # a manifest cell's checksums come in this order
 SAMPLE_NAMES = tuple(f.name for f in SAMPLE_FIELDS)  # and ``sample_checksums``' in this one
 VIEW_FIELDS = ("seed", "box", "flip", "partner", "partner_box", "partner_flip", "lam")
 
 
-def row_fields(views: Mapping[str, Any]) -> tuple[Field, ...]:
+def row_fields(
+    views: Mapping[str, Any], avatars: Mapping[str, Any] | None = None
+) -> tuple[Field, ...]:
     """The per-epoch arrays of a cache whose ``views`` attribute is ``views``: the
     :data:`ROW_FIELDS` every cache has, then one per field of its view ops
     (:meth:`kdcache.views.ViewSpec.op_fields`: RandAugment's ops and magnitudes, erasing's and
-    CutMix's boxes, ...), in pipeline order. A manifest cell checksums them in this order."""
+    CutMix's boxes, ...), in pipeline order, then the :data:`AVATAR_FIELDS` when its
+    ``avatars`` attribute has ``n > 0``. A manifest cell checksums them in this order."""
     from kdcache.views import ViewSpec
 
     spec = ViewSpec.from_dict(views)
     extra = tuple(
         Field(name, f.dtype, f.fill, f.shape, doc=f.doc) for name, _, _, f in spec.op_fields()
     )
-    return ROW_FIELDS + extra
+    return ROW_FIELDS + extra + (AVATAR_FIELDS if has_avatars(avatars) else ())
+
+
+def has_avatars(avatars: Mapping[str, Any] | None) -> bool:
+    """Whether an ``avatars`` attribute asks for avatar ensembles."""
+    return bool(avatars) and int(avatars.get("n", 0)) > 0
 
 
 DONE_ARRAY = "done"  # (epochs, units) uint8, one chunk per cell: the commit marker of a unit
@@ -246,8 +280,10 @@ IDENTITY_KEYS = (
     "teacher_image_size",
     "renderer",
     "teacher_input",
+    "avatars",
 )
 # What a cache written before an attribute existed means by it (read as if it were stored).
 LEGACY_ATTRIBUTES = {
     "teacher_input": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "avatars": NO_AVATARS,
 }

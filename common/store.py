@@ -68,7 +68,7 @@ class Cache:
         spec = ViewSpec.from_dict(self.meta["views"])
         self.meta["views"] = spec.to_dict()
         self._spec = spec
-        self.row_fields = schema.row_fields(self.meta["views"])
+        self.row_fields = schema.row_fields(self.meta["views"], self.meta.get("avatars"))
         self.row_names = tuple(f.name for f in self.row_fields)
         self._check_layout()
 
@@ -162,6 +162,11 @@ class Cache:
     def block_of(self, epoch: int) -> range:
         """The allocated epochs of ``epoch``'s block (:func:`kdcache.schema.block_of`)."""
         return schema.block_of(epoch, self.epochs_per_block, self.epochs)
+
+    @property
+    def avatars(self) -> dict[str, Any]:
+        """The avatar ensembles it holds: {"n": N, "drop": P, "site": LAYER}; n 0 for none."""
+        return dict(self.meta.get("avatars") or schema.NO_AVATARS)
 
     @property
     def topk(self) -> int:

@@ -56,6 +56,9 @@ class SparseTarget:
     tail_logp: torch.Tensor
     num_classes: int
     labels: Labels | None = None
+    # A cache made with --avatars: the avatar ensemble's target and each row's uncertainty u.
+    avatar: SparseTarget | None = None
+    avatar_u: torch.Tensor | None = None  # (B,) float32
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTarget:
         return SparseTarget(
@@ -64,6 +67,8 @@ class SparseTarget:
             self.tail_logp.to(device, non_blocking=non_blocking),
             self.num_classes,
             None if self.labels is None else self.labels.to(device, non_blocking),
+            None if self.avatar is None else self.avatar.to(device, non_blocking),
+            None if self.avatar_u is None else self.avatar_u.to(device, non_blocking=non_blocking),
         )
 
     def rows(self, keep: torch.Tensor) -> SparseTarget:
@@ -72,7 +77,13 @@ class SparseTarget:
         if labels is not None:
             labels = Labels(labels.label[keep], labels.partner[keep], labels.lam[keep])
         return SparseTarget(
-            self.index[keep], self.logp[keep], self.tail_logp[keep], self.num_classes, labels
+            self.index[keep],
+            self.logp[keep],
+            self.tail_logp[keep],
+            self.num_classes,
+            labels,
+            None if self.avatar is None else self.avatar.rows(keep),
+            None if self.avatar_u is None else self.avatar_u[keep],
         )
 
     @property
@@ -248,3 +259,27 @@ def dkd_rows(
         nckd = nckd + torch.where(ok, tail, 0.0)
     nckd = torch.where(has_rest, nckd, 0.0)
     return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def kl_rows(
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) of each row at temperature T, times T^2: (B,) float32 (the
+    batch mean of :func:`kl_divergence` computed per row)."""
+    t_top, t_tail = _tempered(target, temperature)
+    logq = F.log_softmax(student_logits.float() / temperature, dim=1)
+    logq_top = logq.gather(1, target.index)
+    kl = (_xlogy_exp(t_top) - t_top.exp() * logq_top).sum(1)
+    if target.tail_count:
+        tail_p = torch.where(torch.isfinite(t_tail), t_tail.exp(), torch.zeros_like(t_tail))
+        kl = kl + target.tail_count * _xlogy_exp(t_tail) - tail_p * (logq.sum(1) - logq_top.sum(1))
+    return kl * temperature**2
+
+
+def uncertainty_weight(u: torch.Tensor) -> torch.Tensor:
+    """Avatar KD's weight of each row, 1 / (1 + u / mean u) over the batch: (B,) in (0, 1]; all
+    ones when the batch's u are all zero (avatars without dropout)."""
+    mean = u.float().mean()
+    if not bool(mean > 0):
+        return torch.ones_like(u, dtype=torch.float32)
+    return 1.0 / (1.0 + u.float().clamp_min(0) / mean)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdcache import avatars as A
 from kdcache import dist, faults, schema
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
@@ -42,7 +43,7 @@ from kdcache.runtime import (
 from kdcache.store import Cache, create_cache, open_cache
 from kdcache.unit_writer import UnitWriter
 from kdcache.units import UnitReader, needed_images, row_status
-from kdcache.views import Views, ViewSpec, get_spec, sample_unit_views
+from kdcache.views import Views, ViewSpec, get_spec, sample_unit_views, view_keys
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def cache_identity(
     plan_seed: int | None = None,
     k: int | None = None,
     image_size: int | None = None,
+    avatars: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The attributes that say what a cache is (:data:`kdcache.schema.IDENTITY_KEYS`), as far
     as the parts given tell them, in that order; what a part not given (None) would say is left
@@ -61,10 +63,16 @@ def cache_identity(
 
     index: the data (``data_fingerprint``, and the ``renderer`` that turns it into views);
     teacher: ``teacher``, ``teacher_weights_hash``, ``num_classes``, ``teacher_input``;
-    spec: ``views``; plan_seed, k (``topk``), image_size (``teacher_image_size``).
+    spec: ``views``; plan_seed, k (``topk``), image_size (``teacher_image_size``); avatars
+    (``avatars``: {"n": 0} for none).
     A precompute job gives every part: the full identity, a new cache's attributes.
     """
-    known: dict[str, Any] = {"plan_seed": plan_seed, "topk": k, "teacher_image_size": image_size}
+    known: dict[str, Any] = {
+        "plan_seed": plan_seed,
+        "topk": k,
+        "teacher_image_size": image_size,
+        "avatars": avatars,
+    }
     if index is not None:
         known.update(data_fingerprint=index.fingerprint, renderer=RENDERER)
     if teacher is not None:
@@ -148,7 +156,9 @@ class _WorkBatches(Dataset):
                 pixels = rendered
             else:
                 pixels[torch.from_numpy(good)] = rendered
-        return {"batch": b, "views": views, "status": status, "pixels": pixels}
+        # the rows' view keys (avatar masks), as int64 for the trip out of the worker
+        keys = np.concatenate([view_keys(self.plan_seed, e, rows) for e in epochs]).view(np.int64)
+        return {"batch": b, "views": views, "status": status, "pixels": pixels, "keys": keys}
 
     def _status(self, rows: np.ndarray, views: Views, failed: dict[int, int]) -> np.ndarray:
         status = row_status(rows, views.partner, views.box, failed)
@@ -290,7 +300,13 @@ def _precompute(
             "teacher_interpolation)",
             teacher.convention.interpolation,
         )
-    identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size)
+    avatars = dict(schema.NO_AVATARS)
+    if cfg.avatars:
+        site = cfg.avatar_site or A.default_site(teacher.module, size)
+        A.module_at(teacher.module, site, "--avatar-site")
+        avatars = {"n": cfg.avatars, "drop": float(cfg.avatar_drop), "site": site}
+        log.info("avatars: %d per view, dropout %.3g on the input of %s", *avatars.values())
+    identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size, avatars)
     # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
     # once it is there, and every rank checks it is the cache this job means.
     cache = _open_or_create(cfg, index, identity, teacher) if ranks.main else None
@@ -419,8 +435,8 @@ def _run(
     in_flight: tuple[dict, HostCopy] | None = None
     with UnitWriter(cache) as writer:
         for item in loader:
-            logits = teacher_logits(teacher, item["pixels"], device)
-            host = HostCopy(topk_rows(logits, k))
+            rows = teacher_rows(teacher, item["pixels"], device, k, cache.avatars, item["keys"])
+            host = HostCopy(rows)
             faults.point("batch")
             if in_flight is not None:
                 finish(*in_flight)
@@ -428,6 +444,41 @@ def _run(
         if in_flight is not None:
             finish(*in_flight)
     return stats
+
+
+TEACHER_ROWS = (
+    "topk_logits",
+    "topk_index",
+    "lse",
+    "avatar_topk_logits",
+    "avatar_topk_index",
+    "avatar_lse",
+    "avatar_u",
+)
+
+
+def teacher_rows(
+    teacher: torch.nn.Module,
+    pixels: torch.Tensor,
+    device: torch.device,
+    k: int,
+    avatars: dict[str, Any],
+    keys: np.ndarray,
+) -> dict[str, torch.Tensor]:
+    """A batch's teacher rows on ``device``: top-k logits and lse, and with avatars their
+    ensemble's rows and the uncertainty (:mod:`kdcache.avatars`; ``keys``: (R,) the rows' view
+    keys, uint64 or their int64 view)."""
+    if not schema.has_avatars(avatars):
+        return topk_rows(teacher_logits(teacher, pixels, device), k)
+    n = int(avatars["n"])
+    keys = (keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)).view(np.uint64)
+    with A.perturbed(teacher, avatars["site"], A.mask_keys(keys, n), float(avatars["drop"])):
+        logits = teacher_logits(teacher, pixels, device)
+    vanilla, log_ens, u = A.ensemble(logits, n)
+    rows = topk_rows(vanilla, k)
+    rows.update({f"avatar_{name}": v for name, v in topk_rows(log_ens, k).items()})
+    rows["avatar_u"] = u
+    return rows
 
 
 def _assemble(parts: list) -> dict[str, np.ndarray]:
@@ -444,6 +495,7 @@ def _assemble(parts: list) -> dict[str, np.ndarray]:
         out.setdefault("status", []).append(status)
     fields = {name: np.concatenate(chunks) for name, chunks in out.items()}
     bad = fields["status"] != schema.OK
-    for name in ("topk_logits", "topk_index", "lse"):  # the teacher saw a blank image there
-        fields[name][bad] = 0
+    for name in TEACHER_ROWS:  # the teacher saw a blank image there
+        if name in fields:
+            fields[name][bad] = 0
     return fields

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from kdcache import schema
 from kdcache.data.index import DatasetIndex
 from kdcache.render import IMAGENET, InputConvention, normalize, render_raw, render_views
-from kdcache.replay import TARGET_FIELDS, cached_unit_views, fresh_unit_views, sampled_unit_views
+from kdcache.replay import cached_unit_views, fresh_unit_views, sampled_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images, row_status
 from kdcache.views import Views, ViewSpec
@@ -168,7 +168,7 @@ class TrainBatches(Dataset):
         if parts[0][2]:
             targets = {
                 name: np.stack([p[2][name][j] for p, j in zip(parts, local, strict=True)])
-                for name in TARGET_FIELDS
+                for name in parts[0][2]
             }
         teacher_views = None
         if self.s.teacher_stream is not None:

@@ -170,6 +170,21 @@ class TrainConfig:
         choices=("cwd", "mse"),
         group=OPTIM,
     )
+    avatar_weight: float = option(
+        0.0,
+        help="cached mode, a cache made with --avatars N: add W x the avatar ensemble's KL to "
+        "the loss, each view weighted by --avatar-uncertainty (the same as --loss "
+        "'LOSS+avatar_kl(w=W)')",
+        metavar="W",
+        group=OPTIM,
+    )
+    avatar_uncertainty: str = option(
+        "inverse",
+        help="the avatar term's weight of a view with uncertainty u: inverse, 1 / (1 + u / "
+        "mean u) over the batch; none, 1",
+        choices=("inverse", "none"),
+        group=OPTIM,
+    )
     prune_teacher: bool = option(
         False,
         help="InDistill's width alignment: each --features teacher layer (a Conv2d, or the "
@@ -327,6 +342,11 @@ class TrainConfig:
         ``--feature-loss``, or ``fitnet`` when ``--features`` is given without ``--loss`` or
         ``--curriculum``."""
         spec = self.loss if self.loss is not None else self.mode.default_loss(self.temperature)
+        if self.avatar_weight:
+            spec = (
+                f"{spec}+avatar_kl(uncertainty='{self.avatar_uncertainty}', "
+                f"w={float(self.avatar_weight)!r})"
+            )
         if self.akd_features:
             return f"{spec}+akd(p={float(self.avatar_drop)!r}, base='{self.akd_loss}')"
         if self.feature_loss:
@@ -384,6 +404,8 @@ class TrainConfig:
                 )
         if self.loss is not None:
             problems += _loss_problems(self.loss, self.temperature)
+        if not math.isfinite(self.avatar_weight) or self.avatar_weight < 0:
+            problems.append(f"--avatar-weight must be at least 0, got {self.avatar_weight}")
         if self.feature_loss is not None:
             problems += _feature_problems(self.feature_loss, "--feature-loss")
         if mode is not None and not problems:

@@ -29,9 +29,14 @@ def _cache_rows(item: dict, run: Any, device: Any) -> Any:
     """The teacher's top-k rows from the cache, carried in the batch."""
     from kdcache import targets as T
 
-    return T.from_topk(item["topk_logits"], item["topk_index"], item["lse"], run.num_classes).to(
-        device, non_blocking=True
-    )
+    target = T.from_topk(item["topk_logits"], item["topk_index"], item["lse"], run.num_classes)
+    if "avatar_topk_logits" in item:  # a cache made with --avatars
+        target.avatar = T.from_topk(
+            item["avatar_topk_logits"], item["avatar_topk_index"], item["avatar_lse"],
+            run.num_classes,
+        )  # fmt: skip
+        target.avatar_u = item["avatar_u"].float()
+    return target.to(device, non_blocking=True)
 
 
 def _live_teacher(item: dict, run: Any, device: Any) -> Any:

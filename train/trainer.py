@@ -238,6 +238,18 @@ def _check_needs(
             f"--loss {spec} needs a teacher's distribution, and --teacher-mode "
             f"{mode.name} trains on labels; choose a teacher mode, or --loss ce"
         )
+    if "avatars" in needs and not (
+        mode.replays_cache_views and cache is not None and cache.avatars.get("n", 0) > 0
+    ):
+        where = (
+            f"cache {cfg.cache} holds none (its avatars: n 0)"
+            if mode.replays_cache_views
+            else f"--teacher-mode {mode.name} replays no cache"
+        )
+        raise KdcacheError(
+            f"--loss {spec} needs avatar ensembles, and {where}; make a cache with `kdcache "
+            "precompute --avatars N` and train with --teacher-mode cached"
+        )
     if "full" in needs and mode.reads_cache and cache is not None and cache.topk < num_classes:
         raise KdcacheError(
             f"--loss {spec} needs the teacher's whole distribution, and cache {cfg.cache} holds "
@@ -439,6 +451,8 @@ RUN_OPTIONS = (
     "akd_features",
     "avatar_drop",
     "akd_loss",
+    "avatar_weight",
+    "avatar_uncertainty",
     "window",
     "limit",
     "num_classes",
