@@ -58,3 +58,15 @@ $K ablate "${COMMON[@]}" --results $R/indistill_rest --out indistill_rest --mode
   --features 4.bn2=5,5.bn2=9,embed=embed --prune-teacher \
   --curriculum 4.bn2:3,5.bn2:4,embed:rest --loss kl | tail -1 > indistill_rest.json
 stamp indistill_rest
+# 8. Avatar KD from the cache (issue 16): a cache of the same consistent views holding 4 avatar
+#    ensembles per view (dropout 0.1 on the input of resnet_s's last stage, the default site),
+#    KL plus the avatars' KL, weighted by uncertainty or not, against plain KL on that cache.
+$K ablate "${COMMON[@]}" --results $R/avatars --out avatars --mode cached:"$CONS" --avatars 4 \
+  --loss kl --loss 'kl+avatar_kl' --loss "kl+avatar_kl(uncertainty='none')" \
+  | tail -1 > avatars.json
+stamp avatars
+# 9. Avatar KD online, as the reference does it: dropout avatars of resnet_s's stages 2 and 3,
+#    standardised, channel-wise distillation onto tiny_cnn's blocks 2 and 3 (1x1 connectors).
+$K ablate "${COMMON[@]}" --results $R/akd --out akd --mode online:"$CONS" --akd-features 4=6,5=10 \
+  --loss kl | tail -1 > akd.json
+stamp akd

@@ -109,6 +109,13 @@ class AblateConfig:
         metavar="EPOCHS",
         repeat=True,
     )
+    avatars: int = option(
+        0,
+        help="the cached modes' caches also hold N avatar ensembles per view (precompute "
+        "--avatars N, dropout --avatar-drop, at the teacher's default site), for losses with an "
+        "avatar_kl term",
+        metavar="N",
+    )
     results: str | None = option(
         None,
         help="a directory of run summaries (small JSON, one per run, meant to be committed): a "
@@ -190,7 +197,8 @@ def grid_cells(cfg: AblateConfig) -> list[Cell]:
 
 
 def _cache_path(cfg: AblateConfig, preset: str) -> str:
-    return os.path.join(cfg.out, "caches", f"{_slug(preset)}.zarr")
+    avatars = f"-avatars{cfg.avatars}" if cfg.avatars and preset != "center" else ""
+    return os.path.join(cfg.out, "caches", f"{_slug(preset)}{avatars}.zarr")
 
 
 def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) -> None:
@@ -213,6 +221,8 @@ def _build_caches(cfg: AblateConfig, cells: list[Cell], bar: Callable | None) ->
     for preset, epochs in need.items():
         path = _cache_path(cfg, preset)
         pre = cfg.train.teacher_pass(path, epochs, preset)
+        if cfg.avatars and preset != "center":
+            pre = replace(pre, avatars=cfg.avatars, avatar_drop=cfg.train.avatar_drop)
         log.info("cache %s: %d epochs of %s views", path, epochs, preset)
         if bar is None:
             precompute(pre)
