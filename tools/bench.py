@@ -28,6 +28,9 @@ rounds keeping each figure's best round, and reports:
 - views per decode: cached training images/s at --views-per-decode 1, 2, 4 over hard-label
   training of the same student on that set (train_cached_vV_vs_hard_ratio, and
   train_cheap_... with kdcache:tiny_cnn as the student; goal above 1.0);
+- methods: the student step of each logit loss (on a cached-style top-10 target) over KL's,
+  and of each feature method (FitNets, AT, RKD, PKT, online avatar KD, an InDistill stage on a
+  pruned layer: teacher forward included) over online KL's (methods_vs_kl_step_ratio);
 - peak_rss_mb of each stage.
 
 Absolute seconds depend on the machine and on what else runs on it; compare the ratios.
@@ -572,7 +575,106 @@ def stage_view_ops(c: dict) -> dict:
     return out
 
 
+# The methods of docs/methods.md, timed per step against plain KL. Logit losses on a target
+# the teacher made beforehand (what a cached run pays); feature methods with the live teacher's
+# forward in the step (what they need: online mode), against online KL.
+METHOD_LOSSES = ("kl", "soft_ce", "reverse_kl", "dkd", "kl+ce(w=0.5)", "kl+avatar_kl")
+METHOD_FEATURES = {  # loss spec -> (--features pairs, --prune-teacher, --curriculum)
+    "kl": (None, False, None),
+    "kl+fitnet": ("layer3=layer3", False, None),
+    "kl+at(w=1000)": ("layer3=layer3", False, None),
+    "kl+rkd": ("embed=embed", False, None),
+    "kl+pkt": ("embed=embed", False, None),
+    "kl+akd(p=0.1, base='cwd')": ("layer3=layer3", False, None),
+    "kl (InDistill stage: pruned layer3, MSE)": (
+        "layer3.1.bn2=layer3.1.bn2",
+        True,
+        "layer3.1.bn2:rest",
+    ),
+}
+
+
+def stage_methods(c: dict) -> dict:
+    """Student step time per image of each loss (cached-style target) and of each feature
+    method (teacher forward + student step), interleaved, best of the repeats; ratios to KL."""
+    import torch
+
+    from kdcache import targets as T
+    from kdcache.losses import create_loss
+    from kdcache.models import create_model
+    from kdcache.runtime import prepare_model, resolve_device, teacher_logits
+    from kdcache.train import feature_distill
+    from kdcache.train.step import student_pixels, train_step
+
+    device = resolve_device(c["device"])
+    batches = [student_pixels(b, device) for b in _rendered_batches(c, 2)]
+    teacher = prepare_model(create_model(c["teacher"], NUM_CLASSES), device, eval_mode=True)
+    student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    targets = []
+    for x in batches:  # the teacher's rows as a top-10 cache holds them, plus avatars
+        t = T.from_logits(teacher_logits(teacher, x, device), 10)
+        t.labels = T.Labels(*(torch.randint(0, NUM_CLASSES, (len(x),), generator=gen)
+                              for _ in range(2)), torch.ones(len(x)))  # fmt: skip
+        t.avatar = T.from_logits(teacher_logits(teacher, x, device) * 0.9, 10)
+        t.avatar_u = torch.rand(len(x), generator=gen)
+        targets.append(t.to(device))
+    runs = {}
+    for spec in METHOD_LOSSES:
+        loss = create_loss(spec)
+
+        def cached(loss=loss) -> None:
+            for x, t in zip(batches, targets, strict=True):
+                train_step(student, opt, x, t, loss, 0, device)
+
+        runs[f"loss {spec}"] = cached
+    for spec, (pairs, prune, curriculum) in METHOD_FEATURES.items():
+        real = spec.split(" (")[0]
+        fd = feature_distill.build(
+            real, pairs, teacher, c["image_size"], student, c["image_size"], device, False,
+            prune=prune, curriculum=curriculum,
+        )  # fmt: skip
+        kl = create_loss("kl")
+        params = fd.parameters() if fd is not None else []
+        f_opt = torch.optim.AdamW([*student.parameters(), *params], lr=1e-5)
+
+        def online(fd=fd, kl=kl, f_opt=f_opt) -> None:
+            for x in batches:
+                t = T.from_logits(teacher_logits(teacher, x, device))
+
+                def loss(z, t, fd=fd):
+                    if fd is None:
+                        return kl(z, t)
+                    extra = fd(0)
+                    return extra + z.sum() * 0 if fd.stage(0) is not None else kl(z, t) + extra
+
+                train_step(student, f_opt, x, t, loss, 0, device)
+
+        runs[f"online {spec}"] = online
+    best: dict[str, float] = {}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(c["repeats"]):
+        for name, fn in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    images = sum(len(x) for x in batches)
+    ms = {name: 1000 * v / images for name, v in best.items()}
+    return {
+        "methods_ms_per_image": {k: round(v, 3) for k, v in ms.items()},
+        "methods_vs_kl_step_ratio": {
+            k: round(v / (ms["loss kl"] if k.startswith("loss") else ms["online kl"]), 3)
+            for k, v in ms.items()
+        },
+    }
+
+
 STAGES = {
+    "methods": stage_methods,
     "view_ops": stage_view_ops,
     "models": stage_models,
     "decode": stage_decode,
@@ -694,6 +796,8 @@ def main() -> None:
     result.update(blocks)
     log("bench: views per decode (training V = 1, 2, 4 and hard labels)")
     result.update(run_stage("views_per_decode", c))
+    log("bench: methods (each loss and feature method's step against KL's)")
+    result.update(run_stage("methods", c))
     r = result
     result.update(
         train_cached_vs_hard_ratio=r["train_cached_images_per_s"] / r["train_none_images_per_s"],
