@@ -271,3 +271,16 @@ def test_cli_bad_patience(tmp_path, train_dir, val_dir):
     assert code == 2
     assert "Traceback" not in err
     assert "kdcache ablate: error: argument --patience: expected EPOCHS" in err
+
+
+def test_avatars_give_the_cached_cells_an_avatar_cache(tmp_path, train_dir, val_dir):
+    """--avatars N: the cached cells' cache holds N avatar ensembles (its own path), and a loss
+    axis can put plain KL beside the avatar term on it."""
+    cfg = ablate_cfg(train_dir, val_dir, tmp_path / "av", modes=("cached:consistent",),
+                     losses=("kl", "kl+avatar_kl"), seeds=1, patience=(), avatars=2,
+                     limit=16)  # fmt: skip
+    results = ablate(cfg)
+    assert set(results["modes"]) == {"cached:consistent kl", "cached:consistent kl+avatar_kl"}
+    assert os.listdir(os.path.join(cfg.out, "caches")) == ["consistent-avatars2.zarr"]
+    cache = open_cache(os.path.join(cfg.out, "caches", "consistent-avatars2.zarr"))
+    assert cache.avatars["n"] == 2 and cache.avatars["drop"] == cfg.train.avatar_drop
