@@ -60,9 +60,10 @@ $K ablate "${COMMON[@]}" --results $R/indistill_rest --out indistill_rest --mode
 stamp indistill_rest
 # 8. Avatar KD from the cache (issue 16): a cache of the same consistent views holding 4 avatar
 #    ensembles per view (dropout 0.1 on the input of resnet_s's last stage, the default site),
-#    KL plus the avatars' KL, weighted by uncertainty or not, against plain KL on that cache.
+#    KL plus the avatars' KL, weighted by uncertainty or not, against step 1's plain KL (the
+#    avatar cache's teacher rows are step 1's cache's: the same views, plan and teacher).
 $K ablate "${COMMON[@]}" --results $R/avatars --out avatars --mode cached:"$CONS" --avatars 4 \
-  --loss kl --loss 'kl+avatar_kl' --loss "kl+avatar_kl(uncertainty='none')" \
+  --loss 'kl+avatar_kl' --loss "kl+avatar_kl(uncertainty='none')" \
   | tail -1 > avatars.json
 stamp avatars
 # 9. Avatar KD online, as the reference does it: dropout avatars of resnet_s's stages 2 and 3,
