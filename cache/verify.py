@@ -304,6 +304,10 @@ def _repair(
             device=device,
             workers=0,
             command=m.get("command", "kdcache verify --repair"),
+            # the avatar ensembles of a cache that has them, at its site
+            avatars=int(cache.avatars.get("n", 0)),
+            avatar_drop=float(cache.avatars.get("drop", 0.1)),
+            avatar_site=cache.avatars.get("site"),
         )
     )
     left = scan(cache)

@@ -191,3 +191,21 @@ def test_train_with_avatars_and_refused_without(avatar_cache, tiny_cache, train_
     config = json.loads((tmp_path / "inverse" / "config.json").read_text())
     assert config["loss_resolved"] == "kl(t=1.0)+avatar_kl(t=1.0, uncertainty='inverse', w=2.0)"
     assert len(set(losses.values())) == 3, losses  # the term is in the loss, and its weights
+
+
+def test_damage_to_an_avatar_array_is_found_and_repaired_to_the_same_bytes(
+    avatar_cache, train_dir, tmp_path
+):
+    from conftest import chunk_file, copy_tree, flip_byte
+
+    from kdcache.errors import CacheDamagedError
+
+    cache = copy_tree(avatar_cache, tmp_path / "c.zarr")
+    before = open_cache(cache).read_unit(1, 1)
+    flip_byte(chunk_file(cache, "avatar_topk_logits", 1, 1))
+    with pytest.raises(CacheDamagedError, match="avatar_topk_logits epoch 1 unit 1"):
+        verify(cache, train_dir, CACHE_TEACHER, samples=8, device="cpu")
+    verify(cache, train_dir, CACHE_TEACHER, samples=8, device="cpu", repair=True)
+    after = open_cache(cache).read_unit(1, 1)
+    for name, want in before.items():
+        assert np.array_equal(after[name], want), name
