@@ -31,6 +31,11 @@ def describe(options: dict) -> str:
     parts = [f"`{options.get('loss') or 'default'}`"]
     if options.get("features"):
         parts.append(f"features `{options['features']}`")
+    if options.get("akd_features"):
+        parts.append(
+            f"avatar KD on `{options['akd_features']}` (p {options.get('avatar_drop')}, "
+            f"{options.get('akd_loss')})"
+        )
     if options.get("prune_teacher"):
         parts.append("pruned teacher")
     if options.get("curriculum"):
