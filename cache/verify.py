@@ -141,7 +141,8 @@ def verify(
     """Check every checksum, then re-run the teacher on ``samples`` random usable cached views.
 
     -> {"checked", "requested", "top1_agreement", "topk_set_agreement", "max_abs_logit_error",
-    ...; a cache with avatars also "avatar_top1_agreement", "avatar_max_abs_logp_error" and
+    ...; a cache with avatars also "avatar_top1_agreement", "avatar_topk_set_agreement",
+    "avatar_max_abs_logp_error" and
     "avatar_max_abs_u_error": the avatars re-made from the stored views' keys}. Damage raises :class:`CacheDamagedError` naming each array, epoch and unit; with
     ``repair`` the damaged units are recomputed (and only those) before the views are checked.
     progress: called once with ``(0, total=views to check)``, then with views checked.
@@ -331,7 +332,7 @@ def _compare(
     top1 = setk = checked = 0
     max_err = 0.0
     avatars = cache.avatars
-    a_top1 = 0
+    a_top1 = a_setk = 0
     a_err = u_err = 0.0
     for item in loader:
         if schema.has_avatars(avatars):
@@ -342,6 +343,8 @@ def _compare(
             logits, log_ens, u = (x.cpu() for x in A.ensemble(stacked, n))
             a_idx = item["avatar_topk_index"]
             a_top1 += int((log_ens.argmax(1) == a_idx[:, 0]).sum())
+            live = log_ens.topk(a_idx.shape[1], dim=1).indices.sort(1).values
+            a_setk += int((live == a_idx.sort(1).values).all(1).sum())
             err = (log_ens.gather(1, a_idx) - item["avatar_topk_logits"]).abs()
             a_err = max(a_err, float(err.max()) if err.numel() else 0.0)
             u_err = max(u_err, float((u - item["avatar_u"]).abs().max()) if len(u) else 0.0)
@@ -364,6 +367,7 @@ def _compare(
     }
     if schema.has_avatars(avatars):  # the avatar ensembles re-made from the stored view keys
         out["avatar_top1_agreement"] = a_top1 / checked
+        out["avatar_topk_set_agreement"] = a_setk / checked
         out["avatar_max_abs_logp_error"] = a_err
         out["avatar_max_abs_u_error"] = u_err
     return out

@@ -134,6 +134,7 @@ def test_an_avatar_cache_holds_the_ensemble_and_replays_it(avatar_cache, train_d
     report = verify(avatar_cache, train_dir, CACHE_TEACHER, samples=40,
                     device="cpu", workers=0)  # fmt: skip
     assert report["avatar_top1_agreement"] == 1.0 and report["avatar_max_abs_u_error"] == 0.0
+    assert report["avatar_topk_set_agreement"] == 1.0
     assert report["avatar_max_abs_logp_error"] < 1e-2  # the stored float16
     # a job without avatars is not this cache
     with pytest.raises(CacheMismatchError, match="avatars: cache has"):
