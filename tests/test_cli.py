@@ -560,3 +560,9 @@ def test_demo_smoke(tmp_path):
         assert 0.0 <= student["accuracy"] <= 1.0, mode
         assert student["images_per_s"] > 0, mode
     assert (out / "accuracy.png").stat().st_size > 0
+    # the table `make demo` prints (without --json) is made from that very report
+    from kdcache.cli.demo import format_report
+
+    table = format_report(report)
+    assert f"{report['plan']['student_epochs']} epochs:" in table
+    assert all(mode in table for mode in report["students"])

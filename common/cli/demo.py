@@ -162,7 +162,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as a small text table."""
     lines = [
         f"teacher {report['teacher']['model']}: val accuracy {report['teacher']['accuracy']:.4f}",
-        f"student {report['student_model']}, {report['settings']['student_epochs']} epochs:",
+        f"student {report['student_model']}, {report['plan']['student_epochs']} epochs:",
         f"  {'targets':<8} {'val acc':>8} {'best':>8} {'agree':>8} {'train img/s':>12}",
     ]
     for mode, s in report["students"].items():
