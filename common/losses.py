@@ -86,13 +86,14 @@ def _check_temperature(t: Any) -> None:
         raise ValueError(f"the temperature t must be a positive number, got {t!r}")
 
 
-@register_loss("kl")
 @dataclass(frozen=True)
-class KL:
-    """KL(teacher || student) at temperature ``t``, times t² (Hinton's scaling); batch mean."""
+class AtTemperature:
+    """A loss of the student's logits and the target at temperature ``t``, computed by the
+    :mod:`kdcache.targets` function named ``fn``; the base of the built-ins that take only ``t``."""
 
     t: float = 1.0
-    name: ClassVar[str] = "kl"
+    name: ClassVar[str] = ""
+    fn: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         _check_temperature(self.t)
@@ -100,27 +101,32 @@ class KL:
     def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
         from kdcache import targets as T
 
-        return T.kl_divergence(student_logits, target, self.t)
+        return getattr(T, self.fn)(student_logits, target, self.t)
 
     def describe(self) -> str:
         return format_term(self.name, {"t": self.t})
 
 
+@register_loss("kl")
+@dataclass(frozen=True)
+class KL(AtTemperature):
+    """KL(teacher || student) at temperature ``t``, times t² (Hinton's scaling); batch mean."""
+
+    name: ClassVar[str] = "kl"
+    fn: ClassVar[str] = "kl_divergence"
+
+
 @register_loss("ce")
 @dataclass(frozen=True)
-class CE:
+class CE(AtTemperature):
     """Cross-entropy on the hard labels, mixed as the views were (``lam`` on the label, the rest
     on the partner's); ``t`` divides the logits (1: plain cross-entropy; ``--temperature`` is
     not passed to it). Rows without a label in the student's classes do not count; a batch
     without any gives zero. With ``--teacher-mode none`` it is the mode's own loss."""
 
-    t: float = 1.0
     name: ClassVar[str] = "ce"
     needs: ClassVar[frozenset[str]] = frozenset({"labels"})
     inherits: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self) -> None:
-        _check_temperature(self.t)
 
     def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
         from kdcache import targets as T
@@ -136,52 +142,27 @@ class CE:
         hard = T.from_labels(labels.label, labels.partner, labels.lam, target.num_classes)
         return T.cross_entropy(student_logits, hard, self.t)
 
-    def describe(self) -> str:
-        return format_term(self.name, {"t": self.t})
-
 
 @register_loss("soft_ce")
 @dataclass(frozen=True)
-class SoftCE:
+class SoftCE(AtTemperature):
     """Soft cross-entropy H(teacher, student) at temperature ``t``: KL plus the teacher's
     entropy, so its gradient is KL's divided by T² (no T² scaling here)."""
 
-    t: float = 1.0
     name: ClassVar[str] = "soft_ce"
-
-    def __post_init__(self) -> None:
-        _check_temperature(self.t)
-
-    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
-        from kdcache import targets as T
-
-        return T.cross_entropy(student_logits, target, self.t)
-
-    def describe(self) -> str:
-        return format_term(self.name, {"t": self.t})
+    fn: ClassVar[str] = "cross_entropy"
 
 
 @register_loss("reverse_kl")
 @dataclass(frozen=True)
-class ReverseKL:
+class ReverseKL(AtTemperature):
     """KL(student || teacher) at temperature ``t``, times t²: mode-seeking, where KL is
     mass-covering. A top-k target's tail classes each hold the spread tail mass; the teacher's
     log-probabilities are floored at log(float32 tiny) so a class without mass stays finite."""
 
-    t: float = 1.0
     name: ClassVar[str] = "reverse_kl"
+    fn: ClassVar[str] = "reverse_kl"
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
-
-    def __post_init__(self) -> None:
-        _check_temperature(self.t)
-
-    def __call__(self, student_logits: Tensor, target: SparseTarget) -> Tensor:
-        from kdcache import targets as T
-
-        return T.reverse_kl(student_logits, target, self.t)
-
-    def describe(self) -> str:
-        return format_term(self.name, {"t": self.t})
 
 
 @register_loss("dkd")
