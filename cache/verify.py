@@ -336,11 +336,8 @@ def _compare(
     a_err = u_err = 0.0
     for item in loader:
         if schema.has_avatars(avatars):
-            n = int(avatars["n"])
-            seeds = A.mask_keys(item["keys"].numpy().view(np.uint64), n)
-            with A.perturbed(teacher, avatars["site"], seeds, float(avatars["drop"])):
-                stacked = teacher_logits(teacher, item["pixels"], dev)
-            logits, log_ens, u = (x.cpu() for x in A.ensemble(stacked, n))
+            made = A.teacher_and_avatars(teacher, item["pixels"], dev, avatars, item["keys"])
+            logits, log_ens, u = (x.cpu() for x in made)
             a_idx = item["avatar_topk_index"]
             a_top1 += int((log_ens.argmax(1) == a_idx[:, 0]).sum())
             live = log_ens.topk(a_idx.shape[1], dim=1).indices.sort(1).values

@@ -102,3 +102,22 @@ def ensemble(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, 
     kl = (log_p.exp() * (log_p - log_t[None])).sum(2)  # (n, R): KL(avatar || teacher)
     u = kl.var(0, unbiased=False)
     return teacher, log_ens, u
+
+
+def teacher_and_avatars(
+    teacher: nn.Module,
+    pixels: torch.Tensor,
+    device: torch.device,
+    avatars: dict,
+    keys: np.ndarray | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher on a batch, and its avatars as a cache's ``avatars`` attribute says:
+    (teacher logits (R, C), the ensemble's log-probabilities (R, C), u (R,)), on ``device``.
+    keys: (R,) the rows' view keys, uint64 or their int64 view (as they leave a worker)."""
+    from kdcache.runtime import teacher_logits
+
+    n = int(avatars["n"])
+    keys = (keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)).view(np.uint64)
+    with perturbed(teacher, avatars["site"], mask_keys(keys, n), float(avatars["drop"])):
+        logits = teacher_logits(teacher, pixels, device)
+    return ensemble(logits, n)

@@ -470,11 +470,7 @@ def teacher_rows(
     keys, uint64 or their int64 view)."""
     if not schema.has_avatars(avatars):
         return topk_rows(teacher_logits(teacher, pixels, device), k)
-    n = int(avatars["n"])
-    keys = (keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)).view(np.uint64)
-    with A.perturbed(teacher, avatars["site"], A.mask_keys(keys, n), float(avatars["drop"])):
-        logits = teacher_logits(teacher, pixels, device)
-    vanilla, log_ens, u = A.ensemble(logits, n)
+    vanilla, log_ens, u = A.teacher_and_avatars(teacher, pixels, device, avatars, keys)
     rows = topk_rows(vanilla, k)
     rows.update({f"avatar_{name}": v for name, v in topk_rows(log_ens, k).items()})
     rows["avatar_u"] = u

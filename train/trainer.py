@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from kdcache import dist
+from kdcache import dist, schema
 from kdcache import targets as T
 from kdcache.data import fs
 from kdcache.data.index import DatasetIndex, load_index
@@ -239,7 +239,7 @@ def _check_needs(
             f"{mode.name} trains on labels; choose a teacher mode, or --loss ce"
         )
     if "avatars" in needs and not (
-        mode.replays_cache_views and cache is not None and cache.avatars.get("n", 0) > 0
+        mode.replays_cache_views and cache is not None and schema.has_avatars(cache.avatars)
     ):
         where = (
             f"cache {cfg.cache} holds none (its avatars: n 0)"
