@@ -6,20 +6,9 @@
 # trained on the consistent views it is asked about (the set-up of docs/patience.md), 60
 # epochs, 3 seeds, retrieval mAP at each evaluation.
 set -euo pipefail
-K=${K:-$(pwd)/.venv/bin/kdcache}
 W=$(realpath -m "${W:-runs/methods}")  # run directories and caches (not committed)
 R=$(pwd)/docs/results/methods  # committed run summaries
-mkdir -p $W && cd $W
-t0=$(date +%s)
-stamp() { echo "$(date +%H:%M:%S) +$(( $(date +%s) - t0 ))s $*"; }
-CONS='inception_crop(min_area=0.25)|flip'
-ls data/train-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split train --shard-size 256 -q
-ls data/val-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split val --shard-size 256 -q
-stamp shards
-$K train --data 'data/train-*.tar' --val 'data/val-*.tar' --student kdcache:resnet_s \
-  --out teacher --epochs 40 --teacher-mode none --views "$CONS" --image-size 32 \
-  --batch-size 64 --lr 3e-3 --workers 1 --resume -q --json | tail -1 > teacher.json
-stamp teacher
+source tools/digits_teacher.sh  # K, stamp, CONS; the shards and the teacher in $W
 COMMON=(--data 'data/train-*.tar' --val 'data/val-*.tar' --teacher kdcache:resnet_s
   --teacher-weights $W/teacher/model.pt --student kdcache:tiny_cnn --image-size 32
   --batch-size 64 --lr 3e-3 --limit 512 --workers 1 --epochs 60 --seeds 3 --eval-every 10

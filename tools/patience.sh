@@ -4,22 +4,10 @@
 # Resumable: every step
 # reuses what is finished (shards, the teacher run, caches, runs, committed summaries).
 set -euo pipefail
-K=${K:-$(pwd)/.venv/bin/kdcache}
 W=$(realpath -m "${W:-runs/patience}")  # run directories and caches (not committed)
 R=$(pwd)/docs/results/patience  # committed run summaries
-mkdir -p $W && cd $W
-t0=$(date +%s)
-stamp() { echo "$(date +%H:%M:%S) +$(( $(date +%s) - t0 ))s $*"; }
+source tools/digits_teacher.sh  # K, stamp, CONS; the shards and the teacher in $W
 FM='inception_crop(min_area=0.25)|flip|mixup'
-CONS='inception_crop(min_area=0.25)|flip'
-ls data/train-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split train --shard-size 256 -q
-ls data/val-*.tar >/dev/null 2>&1 || $K shards --from digits --out data --split val --shard-size 256 -q
-stamp shards
-# The teacher: resnet_s on the consistent views it will be asked about, 40 epochs.
-$K train --data 'data/train-*.tar' --val 'data/val-*.tar' --student kdcache:resnet_s \
-  --out teacher --epochs 40 --teacher-mode none --views "$CONS" --image-size 32 \
-  --batch-size 64 --lr 3e-3 --workers 1 --resume -q --json | tail -1 > teacher.json
-stamp teacher
 # One shared cache directory for every step (precompute extends a cache to what a step needs);
 # each step has its own --out and summary directory (run directories are named by the grid).
 mkdir -p caches
