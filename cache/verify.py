@@ -18,11 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import avatars as A
-from kdcache import schema
+from kdcache import pixels, schema
 from kdcache.data.index import load_index
 from kdcache.errors import CacheDamagedError, KdcacheError
 from kdcache.models import Model, load_model, warn_random_teacher
-from kdcache.render import render_views
 from kdcache.replay import cached_unit_views
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import Cache, open_cache
@@ -109,12 +108,11 @@ class _Views(Dataset):
             )
         convention = self.cache.teacher_input
         resample = self.cache.spec.resample("teacher", convention.interpolation)
-        pixels = render_views(views, rows, images, self.size, convention, resample)
         item = {
-            "pixels": pixels,
             "topk_index": torch.from_numpy(targets["topk_index"][positions].astype(np.int64)),
             "topk_logits": torch.from_numpy(targets["topk_logits"][positions].astype(np.float32)),
         }
+        pixels.ship(item, "pixels", views, rows, images, self.size, resample)
         if schema.has_avatars(self.cache.avatars):  # the avatars' masks come from the view keys
             item["keys"] = view_keys(self.cache.plan_seed, epoch, rows).view(np.int64)
             for name, dtype in (("avatar_topk_index", np.int64), ("avatar_topk_logits", np.float32),
@@ -335,8 +333,9 @@ def _compare(
     a_top1 = a_setk = 0
     a_err = u_err = 0.0
     for item in loader:
+        x = pixels.take(item, "pixels", cache.teacher_input, dev)
         if schema.has_avatars(avatars):
-            made = A.teacher_and_avatars(teacher, item["pixels"], dev, avatars, item["keys"])
+            made = A.teacher_and_avatars(teacher, x, dev, avatars, item["keys"])
             logits, log_ens, u = (x.cpu() for x in made)
             a_idx = item["avatar_topk_index"]
             a_top1 += int((log_ens.argmax(1) == a_idx[:, 0]).sum())
@@ -346,7 +345,7 @@ def _compare(
             a_err = max(a_err, float(err.max()) if err.numel() else 0.0)
             u_err = max(u_err, float((u - item["avatar_u"]).abs().max()) if len(u) else 0.0)
         else:
-            logits = teacher_logits(teacher, item["pixels"], dev).cpu()
+            logits = teacher_logits(teacher, x, dev).cpu()
         cached_idx, cached_top = item["topk_index"], item["topk_logits"]
         live_idx = logits.topk(k, dim=1).indices
         top1 += int((live_idx[:, 0] == cached_idx[:, 0]).sum())

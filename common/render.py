@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from kdcache.errors import KdcacheError
-from kdcache.view_ops import Mixup
+from kdcache.view_ops import Mixup, rel_to_px
 from kdcache.views import MIN_IMAGE_SIZE, PRESETS, Views, ViewSpec
 
 # Views without a spec (made by hand) render as crop|flip|mixup: what every view was before
@@ -152,27 +152,9 @@ def render_raw(
     image. A pipeline of crop, flip and mixup takes the vectorised path it always took.
     """
     spec = views.spec or LEGACY
-    n = len(rows)
     ops = spec.ops
-    kinds = [getattr(op, "kind", "") for op in ops]
-    mix_at = kinds.index("mix") if "mix" in kinds else len(ops)
-    before = [i for i in range(mix_at) if kinds[i] not in ("crop", "resample")]
-    after = [i for i in range(mix_at + 1, len(ops)) if kinds[i] != "resample"]
-    # A flip right after the crop is done by the crop's own call, as it always was.
-    flip_first = bool(before) and kinds[before[0]] == "flip"
-    if flip_first:
-        before = before[1:]
-    own = np.empty((n, size, size, 3), dtype=np.uint8)
-    other = np.zeros((n, size, size, 3), dtype=np.uint8)
-    for b, i in enumerate(rows):
-        flip = flip_first and bool(views.flip[b])
-        image = crop_resize(images[int(i)], views.box[b], flip, size, resample)
-        own[b] = _pipeline(image, spec, views, b, before) if before else image
-        partner = int(views.partner[b])
-        if partner >= 0:
-            flip = flip_first and bool(views.partner_flip[b])
-            image = crop_resize(images[partner], views.partner_box[b], flip, size, resample)
-            other[b] = _pipeline(image, spec, views, b, before, partner=True) if before else image
+    mix_at, after = _mix_position(spec), _after_mix(spec)
+    own, other = _render_8bit(views, rows, images, size, resample)
     # numpy, single-threaded: these small element-wise ops are slower under torch's thread
     # pool on a busy CPU, and IEEE float32 arithmetic gives the same bytes either way.
     x = own.astype(np.float32)
@@ -190,9 +172,102 @@ def render_raw(
                 params = views.params(b, mix_at, spec=spec)
                 x[b] = op.mix(own[b], other[b], float(views.lam[b]), params)
     if after:
-        for b in range(n):
+        for b in range(len(rows)):
             x[b] = _pipeline(x[b], spec, views, b, after)
     return x
+
+
+@dataclass
+class Pixels8:
+    """A batch's views as 8-bit pixels, for the mix and normalisation on the training device
+    (:mod:`kdcache.pixels`): what :func:`render_raw` computes, stopped before the floats.
+
+    own: (B, S, S, 3) uint8, each row's crop after its 8-bit ops, with a CutMix box already
+    pasted (a paste of 8-bit pixels is the paste of their floats); partner: (M, S, S, 3) uint8,
+    the partners of the M rows ``blend`` (int64) that mixup blends with weight ``lam``
+    ((M,) float32, exact from the stored float16).
+    """
+
+    own: np.ndarray
+    partner: np.ndarray
+    blend: np.ndarray
+    lam: np.ndarray
+
+
+def renders_8bit(spec: ViewSpec | None) -> bool:
+    """Whether a pipeline's views leave the workers as 8-bit pixels (:func:`render_8bit`): no
+    op after the mixing op (those run on the mixed floats), and a mixing op that says how it
+    mixes 8-bit pixels (``MixOp.mixes_8bit``: mixup, cutmix and mix do)."""
+    spec = spec or LEGACY
+    if _after_mix(spec):
+        return False
+    at = _mix_position(spec)
+    return at == len(spec.ops) or spec.ops[at].mixes_8bit
+
+
+def render_8bit(
+    views: Views,
+    rows: np.ndarray,
+    images: Mapping[int, SourceImage],
+    size: int,
+    resample: str = "bilinear",
+) -> Pixels8:
+    """The views of ``rows`` as :class:`Pixels8`, for a pipeline that :func:`renders_8bit`."""
+    spec = views.spec or LEGACY
+    own, other = _render_8bit(views, rows, images, size, resample)
+    blend: list[int] = []
+    mix_at = _mix_position(spec)
+    for b in np.flatnonzero(views.partner >= 0):
+        op = spec.ops[mix_at]
+        box = op.paste_box(views.params(b, mix_at, spec=spec))
+        if box is None:
+            blend.append(int(b))
+        else:
+            y0, y1, x0, x1 = rel_to_px(box, size)
+            own[b, y0:y1, x0:x1] = other[b, y0:y1, x0:x1]
+    picked = np.asarray(blend, dtype=np.int64)
+    return Pixels8(own, other[picked], picked, views.lam[picked].astype(np.float32))
+
+
+def _mix_position(spec: ViewSpec) -> int:
+    kinds = [getattr(op, "kind", "") for op in spec.ops]
+    return kinds.index("mix") if "mix" in kinds else len(spec.ops)
+
+
+def _after_mix(spec: ViewSpec) -> list[int]:
+    kinds = [getattr(op, "kind", "") for op in spec.ops]
+    return [i for i in range(_mix_position(spec) + 1, len(kinds)) if kinds[i] != "resample"]
+
+
+def _render_8bit(
+    views: Views,
+    rows: np.ndarray,
+    images: Mapping[int, SourceImage],
+    size: int,
+    resample: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (own, partner) (B, size, size, 3) uint8: each row's crop and its partner's (zeros
+    when it has none), resized, then the ops before the mixing op on the 8-bit images."""
+    spec = views.spec or LEGACY
+    n = len(rows)
+    kinds = [getattr(op, "kind", "") for op in spec.ops]
+    before = [i for i in range(_mix_position(spec)) if kinds[i] not in ("crop", "resample")]
+    # A flip right after the crop is done by the crop's own call, as it always was.
+    flip_first = bool(before) and kinds[before[0]] == "flip"
+    if flip_first:
+        before = before[1:]
+    own = np.empty((n, size, size, 3), dtype=np.uint8)
+    other = np.zeros((n, size, size, 3), dtype=np.uint8)
+    for b, i in enumerate(rows):
+        flip = flip_first and bool(views.flip[b])
+        image = crop_resize(images[int(i)], views.box[b], flip, size, resample)
+        own[b] = _pipeline(image, spec, views, b, before) if before else image
+        partner = int(views.partner[b])
+        if partner >= 0:
+            flip = flip_first and bool(views.partner_flip[b])
+            image = crop_resize(images[partner], views.partner_box[b], flip, size, resample)
+            other[b] = _pipeline(image, spec, views, b, before, partner=True) if before else image
+    return own, other
 
 
 def _pipeline(

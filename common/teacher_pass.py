@@ -23,14 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import avatars as A
-from kdcache import dist, faults, schema
+from kdcache import dist, faults, pixels, schema
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.lock import output_lock
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.precompute_config import DEFAULT_EPOCHS_PER_BLOCK, PrecomputeConfig
-from kdcache.render import RENDERER, InputConvention, render_views, resolve_image_size
+from kdcache.render import RENDERER, InputConvention, resolve_image_size
 from kdcache.runtime import (
     HostCopy,
     library_versions,
@@ -146,19 +146,12 @@ class _WorkBatches(Dataset):
         images, failed = self._reader.decode(needed_images(rows, views.partner))
         status = self._status(every, views, failed)
         good = status == schema.OK
-        pixels = torch.zeros(len(every), 3, self.size, self.size)
-        if good.any():
-            resample = self.spec.resample("teacher", self.convention.interpolation)
-            rendered = render_views(
-                views.take(good), every[good], images, self.size, self.convention, resample
-            )
-            if good.all():
-                pixels = rendered
-            else:
-                pixels[torch.from_numpy(good)] = rendered
         # the rows' view keys (avatar masks), as int64 for the trip out of the worker
         keys = np.concatenate([view_keys(self.plan_seed, e, rows) for e in epochs]).view(np.int64)
-        return {"batch": b, "views": views, "status": status, "pixels": pixels, "keys": keys}
+        item = {"batch": b, "views": views, "status": status, "keys": keys}
+        resample = self.spec.resample("teacher", self.convention.interpolation)
+        pixels.ship(item, "pixels", views.take(good), every[good], images, self.size, resample)
+        return item
 
     def _status(self, rows: np.ndarray, views: Views, failed: dict[int, int]) -> np.ndarray:
         status = row_status(rows, views.partner, views.box, failed)
@@ -435,7 +428,8 @@ def _run(
     in_flight: tuple[dict, HostCopy] | None = None
     with UnitWriter(cache) as writer:
         for item in loader:
-            rows = teacher_rows(teacher, item["pixels"], device, k, cache.avatars, item["keys"])
+            x = teacher_input(item, convention, size, device)
+            rows = teacher_rows(teacher, x, device, k, cache.avatars, item["keys"])
             host = HostCopy(rows)
             faults.point("batch")
             if in_flight is not None:
@@ -455,6 +449,20 @@ TEACHER_ROWS = (
     "avatar_lse",
     "avatar_u",
 )
+
+
+def teacher_input(
+    item: dict, convention: InputConvention, size: int, device: torch.device
+) -> torch.Tensor:
+    """A work batch's teacher input on ``device``: (R, 3, S, S) float32, its good rows
+    (``status`` OK) rendered and normalised (:mod:`kdcache.pixels`), the others zeros."""
+    good = torch.as_tensor(item["status"]) == schema.OK
+    x = pixels.take(item, "pixels", convention, device)
+    if bool(good.all()):
+        return x
+    full = torch.zeros(len(good), 3, size, size, device=device)
+    full[good.to(device)] = x
+    return full
 
 
 def teacher_rows(

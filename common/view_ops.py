@@ -503,6 +503,16 @@ class MixOp(ViewOp):
         """Images (S, S, 3): uint8 or float32 in [0, 1] -> the mixed float32 image."""
         raise NotImplementedError
 
+    # Whether :meth:`paste_box` says how a row mixes, so that views leave the workers as 8-bit
+    # pixels and the blend runs on the training device (kdcache.pixels); an op that leaves
+    # this False is mixed in the workers, on floats, by :meth:`mix`.
+    mixes_8bit: ClassVar[bool] = False
+
+    def paste_box(self, p: Mapping[str, Any]) -> np.ndarray | None:
+        """A row's mix as 8-bit work: the relative box (4,) uint16 pasted from the partner, or
+        None when the row is blended ``lam * own + (1 - lam) * partner`` (on the device)."""
+        raise NotImplementedError
+
 
 def pick_partners(keys: np.ndarray) -> np.ndarray:
     """A partner other than the row itself, drawn uniformly in the unit: (n,) local index."""
@@ -542,6 +552,11 @@ class Mixup(MixOp):
     def draw_lam(self, d: OpDraws) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         lam = _beta(d, self.alpha, LAM)
         return np.maximum(lam, 1.0 - lam).astype(np.float16), {}
+
+    mixes_8bit: ClassVar[bool] = True
+
+    def paste_box(self, p: Mapping[str, Any]) -> np.ndarray | None:
+        return None
 
     def mix(self, own: np.ndarray, other: np.ndarray, lam: float, p: Mapping[str, Any]) -> Any:
         x, y = _as_float(own), _as_float(other)
@@ -584,6 +599,11 @@ class CutMix(MixOp):
         box, lam = _cut_box(d, _beta(d, self.alpha, 0), 1)
         return lam, {"box": box}
 
+    mixes_8bit: ClassVar[bool] = True
+
+    def paste_box(self, p: Mapping[str, Any]) -> np.ndarray | None:
+        return p["box"]
+
     def mix(self, own: np.ndarray, other: np.ndarray, lam: float, p: Mapping[str, Any]) -> Any:
         return _paste(own, other, p["box"])
 
@@ -620,6 +640,11 @@ class Mix(MixOp):
         box, cut_lam = _cut_box(d, _beta(d, self.cutmix, 1), 2)
         lam = np.where(cut, cut_lam, mixup_lam).astype(np.float16)
         return lam, {"box": np.where(cut[:, None], box, 0).astype(np.uint16)}
+
+    mixes_8bit: ClassVar[bool] = True
+
+    def paste_box(self, p: Mapping[str, Any]) -> np.ndarray | None:
+        return p["box"] if p["box"][2] and p["box"][3] else None
 
     def mix(self, own: np.ndarray, other: np.ndarray, lam: float, p: Mapping[str, Any]) -> Any:
         if p["box"][2] and p["box"][3]:

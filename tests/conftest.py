@@ -388,3 +388,11 @@ def assert_teacher_reproduces(teacher, pixels, item, k: int) -> int:
     ulp = torch.finfo(torch.float16).eps * stored.abs().clamp_min(2.0**-14)
     assert ((logits.gather(1, item["topk_index"].long()) - stored).abs() <= ulp).all()
     return int((logits.argmax(1) == item["topk_index"][:, 0].long()).sum())
+
+
+def model_input(item: dict, name: str = "pixels", convention=None):
+    """A batch's pixels as the model reads them on the CPU (:func:`kdcache.pixels.take`)."""
+    from kdcache import pixels
+    from kdcache.render import IMAGENET
+
+    return pixels.take(item, name, convention or IMAGENET, "cpu")

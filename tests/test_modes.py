@@ -25,6 +25,7 @@ from conftest import (
     initial_logits,
     kl_by_hand,
     loss_tolerance,
+    model_input,
     read_metrics,
     read_steps,
     run_cli,
@@ -197,9 +198,9 @@ def test_fixed_targets_are_epoch_zero_rows_by_sample(center_cache, train_dir, ep
         for name, values in want.items():
             assert np.array_equal(item[name].numpy(), values), name
         fresh = expected_pixels(index, batch, "consistent", 0, epoch, TEACHER_SIZE, STUDENT_STREAM)
-        assert torch.equal(item["pixels"], fresh)
+        assert torch.equal(model_input(item), fresh)
         center = expected_pixels(index, batch, "center", 0, epoch, TEACHER_SIZE, STUDENT_STREAM)
-        assert not torch.equal(item["pixels"], center)
+        assert not torch.equal(model_input(item), center)
         assert "teacher_pixels" not in item
 
 
@@ -336,7 +337,7 @@ def test_independent_teacher_sees_its_own_view(train_dir, teacher_size):
     for b in range(len(data)):
         item = data[b]
         rows = item["rows"].numpy()
-        teacher = item["teacher_pixels"]
+        teacher = model_input(item, "teacher_pixels")
         assert teacher.shape == (len(rows), 3, teacher_size, teacher_size)
         want = expected_pixels(
             index, rows, "consistent", 0, epoch, teacher_size, INDEPENDENT_STREAM
@@ -344,18 +345,17 @@ def test_independent_teacher_sees_its_own_view(train_dir, teacher_size):
         assert torch.equal(teacher, want)
         # the student's views are the ordinary stream's, untouched by the teacher's stream
         student = expected_pixels(index, rows, "consistent", 0, epoch, TEACHER_SIZE, STUDENT_STREAM)
-        assert torch.equal(item["pixels"], student)
+        assert torch.equal(model_input(item), student)
         if teacher_size == TEACHER_SIZE:  # same size, other view: other pixels, row by row
-            differs = (teacher != item["pixels"]).flatten(1).any(1)
+            differs = (teacher != model_input(item)).flatten(1).any(1)
             assert differs.all(), differs
         # the same on replay: again in this dataset, and in a fresh one
-        assert torch.equal(data[b]["teacher_pixels"], teacher)
-        assert torch.equal(
-            independent_batches(index, epoch, teacher_size)[b]["teacher_pixels"], teacher
-        )
+        assert torch.equal(model_input(data[b], "teacher_pixels"), teacher)
+        again = independent_batches(index, epoch, teacher_size)[b]
+        assert torch.equal(model_input(again, "teacher_pixels"), teacher)
     # another epoch, another teacher view
-    other = independent_batches(index, epoch + 1, teacher_size)[0]["teacher_pixels"]
-    assert not torch.equal(other, data[0]["teacher_pixels"])
+    other = model_input(independent_batches(index, epoch + 1, teacher_size)[0], "teacher_pixels")
+    assert not torch.equal(other, model_input(data[0], "teacher_pixels"))
 
 
 def teacher_on_stream(index, stream: int):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import run_cli
 
+from kdcache import pixels
 from kdcache import targets as T
 from kdcache.cli.ablate import DEFAULT_PRESET, GRID_PRESET, parse_mode
 from kdcache.errors import KdcacheError
+from kdcache.render import IMAGENET
 from kdcache.train.config import DEFAULT_VIEWS, TEACHER_MODES, TrainConfig
 from kdcache.train.modes import MODES, get_mode
 from kdcache.views import INDEPENDENT_STREAM, get_spec
@@ -127,14 +129,18 @@ def test_targets_and_losses_per_mode():
         "label": torch.tensor([0, 1, 2, 3]),
         "partner_label": torch.tensor([1, 1, 4, 0]),
         "lam": torch.tensor([1.0, 0.5, 0.25, 1.0]),
-        "teacher_pixels": torch.randn(4, 2),
+        "teacher_pixels": torch.rand(4, 2, 2, 3),  # [0, 1] floats, as the workers ship them
     }
-    live = torch.nn.Linear(2, 5)
-    run = types.SimpleNamespace(num_classes=5, teacher=types.SimpleNamespace(module=live))
+    live = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    run = types.SimpleNamespace(
+        num_classes=5, teacher=types.SimpleNamespace(module=live), teacher_input=IMAGENET
+    )
     cpu = torch.device("cpu")
     expected = {
         "cached": T.from_topk(item["topk_logits"], index, item["lse"], 5),
-        "online": T.from_logits(live(item["teacher_pixels"]).detach()),
+        "online": T.from_logits(
+            live(pixels.take(item, "teacher_pixels", IMAGENET, "cpu")).detach()
+        ),
         "none": T.from_labels(item["label"], item["partner_label"], item["lam"], 5),
     }
     expected["fixed"], expected["independent"] = expected["cached"], expected["online"]

@@ -472,6 +472,9 @@ def test_image_size_auto_and_the_upscale_warning(user, tmp_path):
 def test_teacher_and_student_of_other_conventions_get_their_own_pixels(train_dir):
     """One render at one size feeds both models, normalised each its own way: bit for bit the
     pixels each would get rendered alone (the student's are not the teacher's)."""
+    from conftest import model_input
+
+    from kdcache import pixels
     from kdcache.data.index import load_index
     from kdcache.render import InputConvention, render_views
     from kdcache.train.batches import EpochData, TrainBatches
@@ -486,6 +489,9 @@ def test_teacher_and_student_of_other_conventions_get_their_own_pixels(train_dir
     )[0]
     views = sample_unit_views(spec, 0, 0, 0, index.size[rows])
     images, _ = UnitReader(index).decode(np.arange(index.units[0].count))
-    assert torch.equal(batch["pixels"], render_views(views, rows, images, 16, IMAGENET))
-    assert torch.equal(batch["teacher_pixels"], render_views(views, rows, images, 16, half))
-    assert not torch.equal(batch["pixels"], batch["teacher_pixels"])
+    student = model_input(batch)
+    teacher = model_input(batch, pixels.teacher_name(batch), half)
+    assert "teacher_pixels" not in batch  # one render feeds both
+    assert torch.equal(student, render_views(views, rows, images, 16, IMAGENET))
+    assert torch.equal(teacher, render_views(views, rows, images, 16, half))
+    assert not torch.equal(student, teacher)

@@ -14,7 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE
+from conftest import NUM_CLASSES, TEACHER, TEACHER_SIZE, model_input
 from PIL import Image
 
 from kdcache import schema
@@ -148,8 +148,8 @@ def test_trainer_pixels_are_the_teachers_pixels(cache, index, images, epoch):
         rows = item["rows"].numpy()
         assert item["skipped"] == 0
         expected = teacher_input(cache, index, images, epoch, rows, TEACHER_SIZE)
-        assert item["pixels"].dtype == torch.float32
-        assert torch.equal(item["pixels"], expected)
+        assert item["pixels"].dtype == torch.uint8  # 8-bit out of the workers
+        assert torch.equal(model_input(item), expected)
         # the targets travel with their rows
         for j, i in enumerate(rows):
             unit = index.unit_index_of(int(i))
@@ -170,7 +170,7 @@ def test_rerun_teacher_reproduces_the_cache(cache, index, teacher, epoch):
     agree = total = 0
     for item in items:
         with torch.no_grad():
-            logits = teacher(item["pixels"]).float()
+            logits = teacher(model_input(item)).float()
         fresh = topk_rows(logits, cache.topk)
         assert torch.equal(fresh["topk_index"].to(item["topk_index"].dtype), item["topk_index"])
         # the cache holds fp16: the fresh fp32 logits round to within one fp16 ulp of it
@@ -188,8 +188,8 @@ def test_student_resolution_uses_the_same_boxes(cache, index, images):
     items = train_items(cache, index, 0, 12)
     for item in items:
         rows = item["rows"].numpy()
-        assert item["pixels"].shape[-1] == 12
-        assert torch.equal(item["pixels"], teacher_input(cache, index, images, 0, rows, 12))
+        assert model_input(item).shape[-1] == 12
+        assert torch.equal(model_input(item), teacher_input(cache, index, images, 0, rows, 12))
 
 
 def test_cached_and_fresh_streams_render_the_same(cache, index):
@@ -198,5 +198,5 @@ def test_cached_and_fresh_streams_render_the_same(cache, index):
     assert len(cached) == len(fresh)
     for a, b in zip(cached, fresh, strict=True):
         assert torch.equal(a["rows"], b["rows"])
-        assert torch.equal(a["pixels"], b["pixels"])
+        assert torch.equal(model_input(a), model_input(b))
         assert "topk_index" in a and "topk_index" not in b

@@ -21,6 +21,7 @@ import torch
 from kdcache import avatars as A
 from kdcache.data.index import load_index
 from kdcache.models import load_model
+from kdcache.pixels import take
 from kdcache.train.evaluate import eval_batches
 
 
@@ -41,7 +42,9 @@ def main() -> None:
     default = A.default_site(model, size)
     sites = args.sites.split(",") if args.sites else [n for n, _ in model.named_children()]
     batches = eval_batches(load_index(args.val), size, student_input=built.convention)
-    pixels = torch.cat([batches[b]["pixels"] for b in range(len(batches))])
+    pixels = torch.cat(
+        [take(batches[b], "pixels", built.convention, "cpu") for b in range(len(batches))]
+    )
     keys = np.arange(len(pixels), dtype=np.uint64)  # any fixed keys: one mask set per image
     print(f"{len(pixels)} val images; {args.n} avatars, dropout {args.p}; default site {default}")
     print("| site (its input perturbed) | KL(ensemble ‖ teacher) | mean u | top-1 agreement |")

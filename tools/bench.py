@@ -116,8 +116,11 @@ def _rss_mb() -> float:
     return round(max(self_kb, child_kb) / 1024, 1)
 
 
-def _rendered_batches(c: dict, n_batches: int) -> list:
+def _rendered_batches(c: dict, n_batches: int, device: Any) -> list:
+    """Normalised (B, 3, S, S) float32 batches on ``device``, as the trainer feeds them."""
+    from kdcache import pixels
     from kdcache.data.index import load_index
+    from kdcache.render import IMAGENET
     from kdcache.train.batches import EpochData, TrainBatches
     from kdcache.views import get_spec
 
@@ -127,7 +130,7 @@ def _rendered_batches(c: dict, n_batches: int) -> list:
     ds = TrainBatches(
         EpochData(index, batches, 0, c["image_size"], get_spec("function_matching"), 0)
     )
-    return [ds[b]["pixels"] for b in range(len(ds))]
+    return [pixels.take(ds[b], "pixels", IMAGENET, device) for b in range(len(ds))]
 
 
 class _Run:
@@ -153,10 +156,10 @@ def stage_models(c: dict) -> dict:
     from kdcache.models import create_model
     from kdcache.runtime import prepare_model, resolve_device, teacher_logits
     from kdcache.train.modes import get_mode
-    from kdcache.train.step import student_pixels, train_step
+    from kdcache.train.step import train_step
 
     device = resolve_device(c["device"])
-    batches = [student_pixels(b, device) for b in _rendered_batches(c, 4)]
+    batches = _rendered_batches(c, 4, device)
     teacher = prepare_model(create_model(c["teacher"], NUM_CLASSES), device, eval_mode=True)
     student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -360,15 +363,17 @@ def stage_loader(c: dict) -> dict:
     student forward, loss, backward, optimizer step)."""
     import torch
 
+    from kdcache import pixels
     from kdcache.data.index import load_index
     from kdcache.losses import create_loss
     from kdcache.models import create_model
+    from kdcache.render import IMAGENET
     from kdcache.runtime import prepare_model, resolve_device
     from kdcache.store import open_cache
     from kdcache.train.batches import EpochData, TrainBatches
     from kdcache.train.modes import get_mode
     from kdcache.train.order import epoch_order, rank_batches
-    from kdcache.train.step import student_pixels, train_step
+    from kdcache.train.step import train_step
 
     index, cache = load_index(c["data"]), open_cache(c["cache"])
     batches = rank_batches(epoch_order(index.counts, seed=0, epoch=0), c["batch_size"])
@@ -405,8 +410,8 @@ def stage_loader(c: dict) -> dict:
     def step(mode: str, b: int) -> None:
         item = modes[mode][b]
         target = teacher_mode[mode].target(item, _Run(), device)
-        pixels = student_pixels(item["pixels"], device)
-        train_step(student, opt, pixels, target, losses[mode], 0, device)
+        x = pixels.take(item, "pixels", IMAGENET, device)
+        train_step(student, opt, x, target, losses[mode], 0, device)
         _sync(device)
 
     step("hard", 0)  # warm-up
@@ -604,10 +609,10 @@ def stage_methods(c: dict) -> dict:
     from kdcache.models import create_model
     from kdcache.runtime import prepare_model, resolve_device, teacher_logits
     from kdcache.train import feature_distill
-    from kdcache.train.step import student_pixels, train_step
+    from kdcache.train.step import train_step
 
     device = resolve_device(c["device"])
-    batches = [student_pixels(b, device) for b in _rendered_batches(c, 2)]
+    batches = _rendered_batches(c, 2, device)
     teacher = prepare_model(create_model(c["teacher"], NUM_CLASSES), device, eval_mode=True)
     student = prepare_model(create_model(c["student"], NUM_CLASSES), device, eval_mode=False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)

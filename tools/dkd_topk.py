@@ -19,6 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kdcache import pixels
 from kdcache import targets as T
 from kdcache.data.index import load_index
 from kdcache.models import load_model
@@ -51,8 +52,8 @@ def main() -> None:
     with torch.no_grad():
         for b in range(len(batches)):
             item = batches[b]
-            zs.append(student(item["pixels"]))
-            zt.append(teacher(item["teacher_pixels"]))
+            zs.append(student(pixels.take(item, "pixels", s_conv, "cpu")))
+            zt.append(teacher(pixels.take(item, pixels.teacher_name(item), t_conv, "cpu")))
             labels.append(item["label"])
     zs, zt, labels = torch.cat(zs), torch.cat(zt), torch.cat(labels).long()
     classes = zt.shape[1]

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdcache import schema
+from kdcache import pixels, schema
 from kdcache.data.index import DatasetIndex
-from kdcache.render import IMAGENET, InputConvention, normalize, render_raw, render_views
+from kdcache.render import IMAGENET, InputConvention
 from kdcache.replay import cached_unit_views, fresh_unit_views, sampled_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images, row_status
@@ -59,10 +59,13 @@ class EpochData:
 class TrainBatches(Dataset):
     """Batch ``b`` -> dict:
 
-    pixels: (B, 3, S, S) float32, normalised; label, partner_label: (B,) int64; lam: (B,)
-    float32; skipped: int rows dropped; rows: (B,) int64 global indices;
-    cached mode: topk_logits (B, K) float16, topk_index (B, K) int, lse (B,) float32;
-    when a teacher size is set: teacher_pixels (B, 3, T, T) float32.
+    pixels: the student's views as :func:`kdcache.pixels.ship` puts them ((B, S, S, 3) uint8
+    and its mixing partners; :func:`kdcache.pixels.take` makes the normalised input on the
+    device); label, partner_label: (B,) int64; lam: (B,) float32; skipped: int rows dropped;
+    rows: (B,) int64 global indices; cached mode: topk_logits (B, K) float16, topk_index (B, K)
+    int, lse (B,) float32; teacher_pixels: the teacher's own render, when its views, size or
+    filter differ from the student's (else the teacher reads ``pixels``:
+    :func:`kdcache.pixels.teacher_name`).
     """
 
     def __init__(self, epoch: EpochData):
@@ -98,44 +101,28 @@ class TrainBatches(Dataset):
         partner = np.where(views.partner >= 0, views.partner, rows)
         student_filter = s.spec.resample("student", s.student_input.interpolation)
         teacher_filter = s.spec.resample("teacher", s.teacher_input.interpolation)
-        raw = render_raw(views, rows, images, s.image_size, student_filter)
-        # The teacher's input is this very render when it sees the student's views at the
-        # student's size and filter; it is normalised the teacher's way too only when that
-        # differs.
-        same_render = (
-            teacher_views is None
-            and s.teacher_image_size == s.image_size
-            and teacher_filter == student_filter
-        )
-        same_input = s.teacher_input.identity() == s.student_input.identity()
-        teacher_raw = raw.copy() if same_render and not same_input else None
         item = {
             "rows": torch.from_numpy(rows),
-            "pixels": normalize(raw, s.student_input),
             "label": torch.from_numpy(s.index.label[rows]),
             "partner_label": torch.from_numpy(s.index.label[partner]),
             "lam": torch.from_numpy(views.lam.astype(np.float32)),
             "skipped": int((~ok).sum()),
         }
+        pixels.ship(item, "pixels", views, rows, images, s.image_size, student_filter)
         for name, values in targets.items():
             item[name] = torch.from_numpy(values[ok])
+        teacher_size = s.teacher_image_size or s.image_size
         if teacher_views is not None:  # independent: the same samples, the teacher's own views
-            item["teacher_pixels"] = render_views(
-                teacher_views.take(ok),
-                rows,
-                images,
-                s.teacher_image_size or s.image_size,
-                s.teacher_input,
+            pixels.ship(
+                item, "teacher_pixels", teacher_views.take(ok), rows, images, teacher_size,
                 teacher_filter,
-            )
-        elif s.teacher_image_size and not same_render:
-            item["teacher_pixels"] = render_views(
-                views, rows, images, s.teacher_image_size, s.teacher_input, teacher_filter
-            )
-        elif s.teacher_image_size:  # the very same render, normalised the teacher's way
-            item["teacher_pixels"] = (
-                item["pixels"] if teacher_raw is None else normalize(teacher_raw, s.teacher_input)
-            )
+            )  # fmt: skip
+        elif s.teacher_image_size and (
+            s.teacher_image_size != s.image_size or teacher_filter != student_filter
+        ):
+            pixels.ship(item, "teacher_pixels", views, rows, images, teacher_size, teacher_filter)
+        # else the teacher's input is the student's very render, normalised the teacher's way
+        # (pixels.teacher_name)
         return item
 
     def _gather(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from kdcache import pixels
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
@@ -160,7 +161,7 @@ def evaluate(
         if not len(item["rows"]):
             continue
         with autocast(device):
-            logits = model(item["pixels"].to(device, non_blocking=True)).float().cpu()
+            logits = model(pixels.take(item, "pixels", student_input, device)).float().cpu()
         pred = logits.argmax(1)
         label = item["label"]
         if label_map is not None:
@@ -174,7 +175,8 @@ def evaluate(
         seen += len(pred)
         if teacher is not None:
             with autocast(device):
-                t = teacher(item["teacher_pixels"].to(device, non_blocking=True)).float().cpu()
+                x = pixels.take(item, pixels.teacher_name(item), teacher_input, device)
+                t = teacher(x).float().cpu()
             best = t.argmax(1)
             agree += int((pred == best).sum())
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

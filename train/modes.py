@@ -40,11 +40,13 @@ def _cache_rows(item: dict, run: Any, device: Any) -> Any:
 
 
 def _live_teacher(item: dict, run: Any, device: Any) -> Any:
-    """The teacher, run now on the batch's ``teacher_pixels``."""
+    """The teacher, run now on the batch's teacher input (:func:`kdcache.pixels.teacher_name`)."""
+    from kdcache import pixels
     from kdcache import targets as T
     from kdcache.runtime import teacher_logits
 
-    return T.from_logits(teacher_logits(run.teacher.module, item["teacher_pixels"], device))
+    x = pixels.take(item, pixels.teacher_name(item), run.teacher_input, device)
+    return T.from_logits(teacher_logits(run.teacher.module, x, device))
 
 
 def _labels(item: dict, run: Any, device: Any) -> Any:

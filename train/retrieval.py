@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdcache import pixels
 from kdcache.data.index import DatasetIndex
 from kdcache.features import embedding_layer
 from kdcache.render import IMAGENET, InputConvention
@@ -61,7 +62,7 @@ def embed(
             if not len(item["rows"]):
                 continue
             with autocast(device):
-                model(item["pixels"].to(device, non_blocking=True))
+                model(pixels.take(item, "pixels", student_input, device))
             keep = item["rows"] < n
             captured[-1] = captured[-1][keep]
             labels.append(item["label"][keep].long())

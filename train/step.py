@@ -16,15 +16,6 @@ from kdcache.targets import SparseTarget
 LossFn = Callable[[torch.Tensor, SparseTarget], torch.Tensor]
 
 
-def student_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch's (B, 3, S, S) float32 pixels moved to ``device`` as the student reads them
-    (channels-last on CUDA, where the convolutions run faster on it)."""
-    pixels = pixels.to(device, non_blocking=True)
-    if device.type == "cuda":
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels
-
-
 def zero_pixels(image_size: int, device: torch.device) -> torch.Tensor:
     """The input of a step without usable rows: (2, 3, S, S) float32 zeros on ``device``."""
     return torch.zeros(2, 3, image_size, image_size, device=device)
@@ -42,7 +33,7 @@ def train_step(
     """One step: forward, loss, ``zero_grad``, backward, clip, ``optimizer.step()``.
 
     student: the student (or its DDP wrapper), in train mode, on ``device``.
-    pixels: (B, 3, S, S) float32 on ``device`` (:func:`student_pixels`), normalised with the
+    pixels: (B, 3, S, S) float32 on ``device`` (:func:`kdcache.pixels.take`), normalised with the
         student's input convention; the forward runs under :func:`kdcache.runtime.autocast`
         (bf16 on CUDA, plain fp32 on CPU).
     target: the batch's :class:`~kdcache.targets.SparseTarget` on ``device`` (B rows, the

@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from kdcache import dist, schema
+from kdcache import dist, pixels, schema
 from kdcache import targets as T
 from kdcache.data import fs
 from kdcache.data.index import DatasetIndex, load_index
@@ -45,7 +45,7 @@ from kdcache.train.evaluate import accuracy_basis, evaluate
 from kdcache.train.modes import TeacherMode
 from kdcache.train.order import epoch_order, pass_batches
 from kdcache.train.retrieval import retrieval_scores
-from kdcache.train.step import student_pixels, train_step, zero_pixels
+from kdcache.train.step import train_step, zero_pixels
 from kdcache.views import ViewSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -966,14 +966,14 @@ def _train_epoch(
         if len(item["rows"]) == 0:
             # No usable row: step with a zero loss, as every rank must under DDP (and so the
             # schedule and the step count do not depend on which rows were usable).
-            pixels, target = zero_pixels(run.image_size, device), None
+            x, target = zero_pixels(run.image_size, device), None
         else:
-            pixels = student_pixels(item["pixels"], device)
+            x = pixels.take(item, "pixels", learner.input, device)
             target = _target(cfg, run, item, device)
         loss = train_step(
             student,
             optimizer,
-            pixels,
+            x,
             target,
             lambda z, t: _loss(run, z, t, learner.features, epoch),
             cfg.clip_grad,
