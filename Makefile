@@ -6,10 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test layers lint bench clean
 
-$(STAMP): pyproject.toml
+# The ffcv extra builds a C extension against system OpenCV and libjpeg-turbo: tools/system-deps.sh
+# installs them where it can (root and apt-get, as on CI); where they cannot be had, or ffcv does
+# not build, kdcache installs without it and the FFCV tests skip, saying why.
+$(STAMP): pyproject.toml tools/system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	bash tools/system-deps.sh && $(BIN)/python -m pip install --quiet -e '.[dev,ffcv]' \
+		|| echo "make: the ffcv extra is not installed; the FFCV tests will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)

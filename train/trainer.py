@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import dist, pixels, schema
 from kdcache import targets as T
-from kdcache.data import fs
+from kdcache.data import beton, fs
 from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import CacheMismatchError, KdcacheError
@@ -350,10 +350,18 @@ def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
     try:
         cache.check_identity(expected, what="the training data")
     except CacheMismatchError as e:
+        data_beton = beton.is_beton(index.units[0].name)
+        hint = ""
+        if data_beton != beton.is_beton(cache.units[0].name):
+            hint = (
+                ". A .beton and the tar shards it was made from have different fingerprints "
+                "(the same samples, hashed from other bytes): train from the data the cache was "
+                "made from, or precompute a cache from this data"
+            )
         raise CacheMismatchError(
             f"{e} (data {cfg.data}: {index.num_samples} samples in {len(index.units)} shards; "
             f"cache: {cache.meta['data']['num_samples']} samples in "
-            f"{len(cache.units)} shards)"
+            f"{len(cache.units)} shards){hint}"
         ) from None
 
 

@@ -94,9 +94,19 @@ def _table(rows: list[tuple[str, Any]]) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from kdcache.cli.shards import write_shards
+    from kdcache.cli.shards import write_beton, write_shards
 
     limit = 200 if args.smoke else args.limit
+    if args.to == "ffcv":
+        with _bar(limit, f"shards {args.split}") as update:
+            path = write_beton(
+                args.source, args.out, args.split, args.shard_size, args.seed, limit,
+                progress=update, overwrite=args.overwrite,
+            )  # fmt: skip
+        _emit(args, {"beton": path}, lambda: print(f"wrote {path}"))
+        return 0
+    if args.source.startswith("shards:"):
+        raise KdcacheError("--from shards:DATA converts tar shards: use it with --to ffcv")
     with _bar(limit, f"shards {args.split}") as update:
         paths = write_shards(
             args.source,
@@ -472,16 +482,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "shards",
-        help="write WebDataset tar shards from an image source",
+        help="write WebDataset tar shards (or an FFCV .beton) from an image source",
         description="Write KEY.{png,jpg} (+ KEY.cls when labelled) tar shards "
-        "OUT/SPLIT-NNNNNN.tar.",
+        "OUT/SPLIT-NNNNNN.tar, or with --to ffcv the FFCV file OUT/SPLIT.beton holding the same "
+        "samples: each image's encoded bytes as they are (FFCV's raw bytes field, not its "
+        "re-encoding RGBImageField), its key, label and unit (the shard it would be in). "
+        "Pass the .beton as --data anywhere; it renders to the same pixels as the shards, but "
+        "its fingerprint is its own: caches made from tar shards do not replay from it.",
     )
     p.add_argument(
         "--from",
         dest="source",
         required=True,
         help="digits (scikit-learn's bundled 8x8 digits, upscaled) or imagefolder:PATH "
-        "(PATH/CLASS/IMAGE: labelled; PATH/IMAGE, no class folders: unlabelled, no .cls)",
+        "(PATH/CLASS/IMAGE: labelled; PATH/IMAGE, no class folders: unlabelled, no .cls); "
+        "with --to ffcv also shards:DATA (existing tar shards, converted as they are)",
+    )
+    p.add_argument(
+        "--to",
+        choices=["tar", "ffcv"],
+        default="tar",
+        help="tar shards, or one FFCV .beton per split (needs the ffcv extra) [tar]",
     )
     p.add_argument("--out", required=True, help="directory for the shards")
     p.add_argument(

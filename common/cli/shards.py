@@ -226,3 +226,36 @@ def write_shards(
         f", replacing {len(old)} old shards" if old else "",
     )
     return paths
+
+
+def write_beton(
+    source: str,
+    out: str,
+    split: str = "train",
+    shard_size: int = 1000,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write SOURCE as the FFCV file ``OUT/SPLIT.beton`` (:mod:`kdcache.data.beton`): the same
+    samples, order, units and image bytes as the tar shards :func:`write_shards` writes from it.
+    SOURCE may also be ``shards:DATA``, existing tar shards, taken as they are (their order and
+    shards; ``--seed``, ``--limit`` and ``--shard-size`` do not apply)."""
+    import shutil
+    import tempfile
+
+    from kdcache.data import beton
+
+    path = os.path.join(out, f"{split}{beton.SUFFIX}")
+    if os.path.exists(path) and not overwrite:
+        raise KdcacheError(f"{path} exists; pass --overwrite to replace it, or another --out")
+    os.makedirs(out, exist_ok=True)
+    if source.startswith("shards:"):
+        return beton.write(source.split(":", 1)[1], path)
+    tmp = tempfile.mkdtemp(prefix=f".{split}-tar-", dir=out)
+    try:
+        write_shards(source, tmp, split, shard_size, seed, limit, progress)
+        return beton.write(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,7 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from kdcache.data import fs
+from kdcache.data import beton, fs
 from kdcache.data.webdataset import expand_data, read_samples
 from kdcache.errors import KdcacheError
 
@@ -223,11 +223,15 @@ def build_index(
     seen: dict[int, str] = {}
     start = 0
     for url in urls:
-        size, marker = fs.stamp(url)
-        with fs.open_binary(url) as f:
-            reader = _HashingReader(f)
-            samples = read_samples(reader, url, strict=strict)
-            content_hash = reader.hexdigest()
+        size, marker = _stamp(url)
+        if beton.is_beton(url):
+            samples = beton.read_unit(url)
+            content_hash = beton.content_hash(samples)
+        else:
+            with fs.open_binary(url) as f:
+                reader = _HashingReader(f)
+                samples = read_samples(reader, url, strict=strict)
+                content_hash = reader.hexdigest()
         name = fs.basename(url)
         units.append(Unit(name, fs.absolute(url), start, len(samples), content_hash, size, marker))
         for s in samples:
@@ -254,12 +258,17 @@ def build_index(
     )
 
 
+def _stamp(url: str) -> tuple[int, str]:
+    """A unit's (size, change marker): its tar's, or its FFCV file's."""
+    return beton.stamp(url) if beton.is_beton(url) else fs.stamp(url)
+
+
 def _fresh(index: DatasetIndex, urls: list[str]) -> bool:
     if [u.url for u in index.units] != [fs.absolute(u) for u in urls]:
         return False
     for u in index.units:
         try:
-            size, marker = fs.stamp(u.url)
+            size, marker = _stamp(u.url)
         except (OSError, KdcacheError):
             return False
         if size != u.bytes or marker != u.stamp:

@@ -58,11 +58,16 @@ def expand_data(spec: str) -> list[str]:
 
     DATA is a directory (its ``*.tar`` files, sorted), a brace pattern
     (``dir/train-{000000..000009}.tar``), a glob, a single tar, or a comma-separated list of
-    these; each may be a local path or an fsspec URL (``s3://bucket/train-{0..9}.tar``).
+    these; each may be a local path or an fsspec URL (``s3://bucket/train-{0..9}.tar``). A
+    ``PATH.beton`` (FFCV, local) stands for its units ``PATH.beton#0``, ``#1``, ...
     """
+    from kdcache.data import beton
+
     urls: list[str] = []
     for part in (p.strip() for p in str(spec).split(",")):
-        if part:
+        if part and beton.is_beton(part):
+            urls += beton.units(part)
+        elif part:
             urls += fs.expand(part)
     if not urls:
         raise KdcacheError(f"no shards in {spec!r}; give a directory, a brace pattern or a list")
@@ -81,7 +86,12 @@ def _parse_label(raw: bytes | None) -> int:
 def read_unit(url: str, strict: bool = False) -> list[Sample]:
     """All samples of one shard (a path or URL), in file order. A shard without its tar end
     blocks is said once per process (not again where the index said it), or refused when
-    ``strict``."""
+    ``strict``. A unit of an FFCV file (``PATH.beton#U``) is read from it
+    (:mod:`kdcache.data.beton`)."""
+    from kdcache.data import beton
+
+    if beton.is_beton(url):
+        return beton.read_unit(url)
     try:
         with fs.open_binary(url) as f:
             return read_samples(f, url, strict=strict, warn_once=True)
