@@ -22,6 +22,7 @@ from kdcache import pixels, schema
 from kdcache.data.index import load_index
 from kdcache.errors import CacheDamagedError, KdcacheError
 from kdcache.models import Model, load_model, warn_random_teacher
+from kdcache.render import RENDERER, Renderer, get_renderer
 from kdcache.replay import cached_unit_views
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device, teacher_logits
 from kdcache.store import Cache, open_cache
@@ -82,8 +83,10 @@ class _Views(Dataset):
     """Item ``i``: a batch of picked rows of one unit, rendered as the teacher saw them, with
     their cached top-k (the trainer's own replay path, :mod:`kdcache.replay`)."""
 
-    def __init__(self, cache, index, batches: list[tuple[int, int, np.ndarray]]):
-        self.cache, self.index, self.batches = cache, index, batches
+    def __init__(
+        self, cache, index, batches: list[tuple[int, int, np.ndarray]], renderer: Renderer
+    ):
+        self.cache, self.index, self.batches, self.renderer = cache, index, batches, renderer
         self.size = int(cache.meta["teacher_image_size"])
         self._reader: UnitReader | None = None
 
@@ -94,7 +97,7 @@ class _Views(Dataset):
         if self._reader is None:
             # Every row picked was usable when cached: decode it under the cache's pixel limit.
             limit = self.cache.meta.get("max_image_pixels")
-            self._reader = UnitReader(self.index, capacity=2, max_pixels=limit)
+            self._reader = UnitReader(self.index, 2, max_pixels=limit, renderer=self.renderer)
         epoch, unit, ks = self.batches[i]
         views, ok, targets = cached_unit_views(self.cache, self.index, unit, epoch)
         positions = np.flatnonzero(ok)[ks]
@@ -112,7 +115,7 @@ class _Views(Dataset):
             "topk_index": torch.from_numpy(targets["topk_index"][positions].astype(np.int64)),
             "topk_logits": torch.from_numpy(targets["topk_logits"][positions].astype(np.float32)),
         }
-        pixels.ship(item, "pixels", views, rows, images, self.size, resample)
+        pixels.ship(item, "pixels", views, rows, images, self.size, resample, self.renderer)
         if schema.has_avatars(self.cache.avatars):  # the avatars' masks come from the view keys
             item["keys"] = view_keys(self.cache.plan_seed, epoch, rows).view(np.int64)
             for name, dtype in (("avatar_topk_index", np.int64), ("avatar_topk_logits", np.float32),
@@ -135,8 +138,13 @@ def verify(
     workers: int = 0,
     teacher_mean: tuple[float, float, float] | None = None,
     teacher_std: tuple[float, float, float] | None = None,
+    renderer: str | None = None,
 ) -> dict:
     """Check every checksum, then re-run the teacher on ``samples`` random usable cached views.
+
+    renderer: render them with this one (``pillow``, ``ffcv``) instead of the cache's own, to
+    measure how far two renderers' teacher outputs are apart on the same views and images; the
+    result then also says ``renderer`` and ``cache_renderer``.
 
     -> {"checked", "requested", "top1_agreement", "topk_set_agreement", "max_abs_logit_error",
     ...; a cache with avatars also "avatar_top1_agreement", "avatar_topk_set_agreement",
@@ -150,7 +158,11 @@ def verify(
             raise KdcacheError(f"--{name} must be at least {low}, got {value}")
     cache = open_cache(cache_path, mode="a" if repair else "r")
     index = load_index(data, known=cache.dataset_index)
-    cache.check_identity(cache_identity(index), what=f"data {data}")
+    own = cache.meta.get("renderer", RENDERER)
+    cache.check_identity(cache_identity(index, renderer=own), what=f"data {data}")
+    render = get_renderer(renderer or own)
+    if render.name != own:
+        render.check(cache.spec)
     teacher = load_model(
         teacher_spec,
         image_size=int(cache.meta["teacher_image_size"]),
@@ -184,11 +196,13 @@ def verify(
     result = _compare(
         cache,
         teacher.module,
-        _Views(cache, index, _batches(picked, batch_size)),
+        _Views(cache, index, _batches(picked, batch_size), render),
         device,
         workers,
         progress,
     )
+    if render.name != own:
+        result.update(renderer=render.name, cache_renderer=own)
     return {
         **result,
         "requested": samples,
@@ -303,6 +317,7 @@ def _repair(
             device=device,
             workers=0,
             command=m.get("command", "kdcache verify --repair"),
+            renderer=m.get("renderer", RENDERER),  # the cache's own
             # the avatar ensembles of a cache that has them, at its site
             avatars=int(cache.avatars.get("n", 0)),
             avatar_drop=float(cache.avatars.get("drop", 0.1)),

@@ -348,6 +348,12 @@ VIEWS_HELP = (
     "mix, interpolation, or pkg.module:Class; see the README)"
 )
 PLAN_SEED_HELP = "seed of the views (not of the model or order)"
+RENDERER_HELP = (
+    "what turns images into views: pillow (Pillow decode, one Pillow crop-and-resize call; "
+    "every view op) or ffcv (FFCV's libjpeg-turbo decode and OpenCV INTER_AREA resize, JPEG "
+    "only; crops, flips and mixing only; needs the ffcv extra). A cache records its renderer "
+    "and is replayed by that one only"
+)
 MAX_PIXELS_HELP = (
     "images of more pixels are bad rows ('too large'), never decoded [Pillow's limit, "
     "PIL.Image.MAX_IMAGE_PIXELS: about 89 M]"

@@ -33,7 +33,15 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from kdcache.render import InputConvention, SourceImage, render_8bit, render_raw, renders_8bit
+from kdcache.render import (
+    PILLOW,
+    InputConvention,
+    Renderer,
+    SourceImage,
+    render_8bit,
+    render_raw,
+    renders_8bit,
+)
 from kdcache.views import Views
 
 
@@ -52,16 +60,18 @@ def ship(
     images: Mapping[int, SourceImage],
     size: int,
     resample: str = "bilinear",
+    renderer: Renderer = PILLOW,
 ) -> None:
     """Render ``views`` of ``rows`` into ``item`` under ``name``, as 8-bit pixels when the
     pipeline allows (:func:`kdcache.render.renders_8bit`), else as [0, 1] floats."""
     partner, blend, lam = _keys(name)
     if renders_8bit(views.spec):
-        r = render_8bit(views, rows, images, size, resample)
+        r = render_8bit(views, rows, images, size, resample, renderer)
         item[name], item[partner] = torch.from_numpy(r.own), torch.from_numpy(r.partner)
         item[blend], item[lam] = torch.from_numpy(r.blend), torch.from_numpy(r.lam)
     else:
-        item[name] = torch.from_numpy(render_raw(views, rows, images, size, resample))
+        raw = render_raw(views, rows, images, size, resample, renderer)
+        item[name] = torch.from_numpy(raw)
 
 
 def take(

@@ -16,6 +16,7 @@ from kdcache.options import (
     DEVICE_HELP,
     MAX_PIXELS_HELP,
     PLAN_SEED_HELP,
+    RENDERER_HELP,
     VIEWS_HELP,
     WEIGHTS_HELP,
     WORKERS_HELP,
@@ -65,6 +66,7 @@ class PrecomputeConfig:
         None, help="[as the mean]", metavar="R,G,B"
     )
     max_image_pixels: int | None = option(None, help=MAX_PIXELS_HELP, metavar="N")
+    renderer: str = option("pillow", help=RENDERER_HELP, choices=("pillow", "ffcv"))
     epochs_per_block: int | None = option(
         None,
         help="epochs whose views of a unit are rendered from one decode and stored as one file "

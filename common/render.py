@@ -121,6 +121,47 @@ def crop_resize(
     return array[:, ::-1] if flip else array
 
 
+@dataclass(frozen=True)
+class Renderer:
+    """How encoded images become 8-bit crops; ``name`` is what a cache records (``renderer``)
+    and the trainer checks. This one is Pillow's (:data:`RENDERER`): decode with Pillow, crop
+    and resize in one Pillow call (:func:`crop_resize`). Every view op runs on its output.
+    :mod:`kdcache.ffcv_renderer` is FFCV's."""
+
+    name: str = RENDERER
+
+    def decode(self, data: bytes, height: int, width: int) -> SourceImage:
+        """Encoded bytes of an image of the index's (height, width) -> the decoded image.
+        Raises ``OSError``/``ValueError`` when it does not decode."""
+        return decode_image(data)
+
+    def crop_resize(
+        self, image: SourceImage, box: np.ndarray, flip: bool, size: int, resample: str
+    ) -> np.ndarray:
+        """One decoded image's crop ``box``, flipped or not -> (size, size, 3) uint8."""
+        return crop_resize(image, box, flip, size, resample)
+
+    def check(self, spec: ViewSpec) -> None:
+        """Refuse a pipeline this renderer cannot render (a :class:`KdcacheError`)."""
+
+
+PILLOW = Renderer()
+
+
+def get_renderer(name: str) -> Renderer:
+    """``pillow`` or ``ffcv`` (or a renderer id a cache records) -> its :class:`Renderer`."""
+    if name in ("pillow", RENDERER):
+        return PILLOW
+    from kdcache import ffcv_renderer
+
+    if name in ("ffcv", ffcv_renderer.RENDERER):
+        return ffcv_renderer.FFCV
+    raise KdcacheError(
+        f"unknown renderer {name!r}: this kdcache has pillow ({RENDERER}) and ffcv "
+        f"({ffcv_renderer.RENDERER})"
+    )
+
+
 def render_views(
     views: Views,
     rows: np.ndarray,
@@ -144,6 +185,7 @@ def render_raw(
     images: Mapping[int, SourceImage],
     size: int,
     resample: str = "bilinear",
+    renderer: Renderer = PILLOW,
 ) -> np.ndarray:
     """The views before normalisation: (B, size, size, 3) float32 in [0, 1], mixed.
 
@@ -154,7 +196,7 @@ def render_raw(
     spec = views.spec or LEGACY
     ops = spec.ops
     mix_at, after = _mix_position(spec), _after_mix(spec)
-    own, other = _render_8bit(views, rows, images, size, resample)
+    own, other = _render_8bit(views, rows, images, size, resample, renderer)
     # numpy, single-threaded: these small element-wise ops are slower under torch's thread
     # pool on a busy CPU, and IEEE float32 arithmetic gives the same bytes either way.
     x = own.astype(np.float32)
@@ -211,10 +253,11 @@ def render_8bit(
     images: Mapping[int, SourceImage],
     size: int,
     resample: str = "bilinear",
+    renderer: Renderer = PILLOW,
 ) -> Pixels8:
     """The views of ``rows`` as :class:`Pixels8`, for a pipeline that :func:`renders_8bit`."""
     spec = views.spec or LEGACY
-    own, other = _render_8bit(views, rows, images, size, resample)
+    own, other = _render_8bit(views, rows, images, size, resample, renderer)
     blend: list[int] = []
     mix_at = _mix_position(spec)
     for b in np.flatnonzero(views.partner >= 0):
@@ -245,6 +288,7 @@ def _render_8bit(
     images: Mapping[int, SourceImage],
     size: int,
     resample: str,
+    renderer: Renderer,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (own, partner) (B, size, size, 3) uint8: each row's crop and its partner's (zeros
     when it has none), resized, then the ops before the mixing op on the 8-bit images."""
@@ -260,12 +304,14 @@ def _render_8bit(
     other = np.zeros((n, size, size, 3), dtype=np.uint8)
     for b, i in enumerate(rows):
         flip = flip_first and bool(views.flip[b])
-        image = crop_resize(images[int(i)], views.box[b], flip, size, resample)
+        image = renderer.crop_resize(images[int(i)], views.box[b], flip, size, resample)
         own[b] = _pipeline(image, spec, views, b, before) if before else image
         partner = int(views.partner[b])
         if partner >= 0:
             flip = flip_first and bool(views.partner_flip[b])
-            image = crop_resize(images[partner], views.partner_box[b], flip, size, resample)
+            image = renderer.crop_resize(
+                images[partner], views.partner_box[b], flip, size, resample
+            )
             other[b] = _pipeline(image, spec, views, b, before, partner=True) if before else image
     return own, other
 

@@ -382,11 +382,14 @@ class Cache:
             if value is not None and self.meta.get(key) != value
         ]
         if diffs:
-            hint = (
-                " (--teacher-mean/--teacher-std set the teacher's input convention)"
-                if any(d.startswith("teacher_input:") for d in diffs)
-                else ""
-            )
+            hint = ""
+            if any(d.startswith("teacher_input:") for d in diffs):
+                hint = " (--teacher-mean/--teacher-std set the teacher's input convention)"
+            if any(d.startswith("renderer:") for d in diffs):
+                hint += (
+                    " (--renderer pillow|ffcv chooses the renderer; a cache is replayed by the "
+                    "renderer that made it)"
+                )
             raise CacheMismatchError(
                 f"cache {self.path} was made differently from {what}: "
                 + "; ".join(diffs)

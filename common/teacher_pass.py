@@ -30,7 +30,14 @@ from kdcache.errors import KdcacheError
 from kdcache.lock import output_lock
 from kdcache.models import Model, load_model, warn_random_teacher, weights_hash
 from kdcache.precompute_config import DEFAULT_EPOCHS_PER_BLOCK, PrecomputeConfig
-from kdcache.render import RENDERER, InputConvention, resolve_image_size
+from kdcache.render import (
+    PILLOW,
+    RENDERER,
+    InputConvention,
+    Renderer,
+    get_renderer,
+    resolve_image_size,
+)
 from kdcache.runtime import (
     HostCopy,
     library_versions,
@@ -56,12 +63,14 @@ def cache_identity(
     k: int | None = None,
     image_size: int | None = None,
     avatars: dict[str, Any] | None = None,
+    renderer: str = RENDERER,
 ) -> dict[str, Any]:
     """The attributes that say what a cache is (:data:`kdcache.schema.IDENTITY_KEYS`), as far
     as the parts given tell them, in that order; what a part not given (None) would say is left
     out, so ``cache.check_identity(cache_identity(...))`` checks what the caller knows.
 
-    index: the data (``data_fingerprint``, and the ``renderer`` that turns it into views);
+    index: the data (``data_fingerprint``, and ``renderer``, the id of what turns it into
+    views: Pillow's unless said);
     teacher: ``teacher``, ``teacher_weights_hash``, ``num_classes``, ``teacher_input``;
     spec: ``views``; plan_seed, k (``topk``), image_size (``teacher_image_size``); avatars
     (``avatars``: {"n": 0} for none).
@@ -74,7 +83,7 @@ def cache_identity(
         "avatars": avatars,
     }
     if index is not None:
-        known.update(data_fingerprint=index.fingerprint, renderer=RENDERER)
+        known.update(data_fingerprint=index.fingerprint, renderer=renderer)
     if teacher is not None:
         known.update(
             teacher_weights_hash=weights_hash(teacher.module),
@@ -105,9 +114,11 @@ class _WorkBatches(Dataset):
         labels_rule: int | None,
         strict: bool = False,
         max_pixels: int | None = None,
+        renderer: Renderer = PILLOW,
     ):
         """labels_rule: None, or the class count of a schema-1 cache being extended, whose rule
         also marks rows without a label, or with one outside the classes, bad."""
+        self.renderer = renderer
         self.index, self.spec, self.plan_seed, self.size = index, spec, plan_seed, size
         self.batches, self.convention, self.labels_rule = batches, convention, labels_rule
         self.strict = strict  # a shard cut short: an error, not a warning
@@ -135,7 +146,11 @@ class _WorkBatches(Dataset):
         epochs, unit, lo, hi = self.batches[b]
         if self._reader is None:
             self._reader = UnitReader(
-                self.index, capacity=2, strict=self.strict, max_pixels=self.max_pixels
+                self.index,
+                2,
+                strict=self.strict,
+                max_pixels=self.max_pixels,
+                renderer=self.renderer,
             )
         u = self.index.units[unit]
         rows = np.arange(u.start + lo, u.start + hi)
@@ -150,7 +165,10 @@ class _WorkBatches(Dataset):
         keys = np.concatenate([view_keys(self.plan_seed, e, rows) for e in epochs]).view(np.int64)
         item = {"batch": b, "views": views, "status": status, "keys": keys}
         resample = self.spec.resample("teacher", self.convention.interpolation)
-        pixels.ship(item, "pixels", views.take(good), every[good], images, self.size, resample)
+        pixels.ship(
+            item, "pixels", views.take(good), every[good], images, self.size, resample,
+            self.renderer,
+        )  # fmt: skip
         return item
 
     def _status(self, rows: np.ndarray, views: Views, failed: dict[int, int]) -> np.ndarray:
@@ -299,7 +317,11 @@ def _precompute(
         A.module_at(teacher.module, site, "--avatar-site")
         avatars = {"n": cfg.avatars, "drop": float(cfg.avatar_drop), "site": site}
         log.info("avatars: %d per view, dropout %.3g on the input of %s", *avatars.values())
-    identity = cache_identity(index, teacher, spec, cfg.plan_seed, k, size, avatars)
+    renderer = get_renderer(cfg.renderer)
+    renderer.check(spec)
+    identity = cache_identity(
+        index, teacher, spec, cfg.plan_seed, k, size, avatars, renderer=renderer.name
+    )
     # Rank 0 alone creates or extends the cache and writes its attributes; the others open it
     # once it is there, and every rank checks it is the cache this job means.
     cache = _open_or_create(cfg, index, identity, teacher) if ranks.main else None
@@ -380,6 +402,7 @@ def _run(
         labels_rule,
         cfg.strict,
         cfg.max_image_pixels,
+        get_renderer(cache.meta.get("renderer", RENDERER)),
     )
     loader = DataLoader(
         dataset,

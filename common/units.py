@@ -20,7 +20,7 @@ from kdcache import schema
 from kdcache.data.index import DatasetIndex
 from kdcache.data.webdataset import Sample, read_unit
 from kdcache.errors import KdcacheError
-from kdcache.render import decode_image
+from kdcache.render import PILLOW, Renderer, SourceImage
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,13 @@ class UnitReader:
         image_budget: int = 256 << 20,
         strict: bool = False,
         max_pixels: int | None = None,
+        renderer: Renderer = PILLOW,
     ):
         """max_pixels: images with more pixels are marked too large, undecoded (None:
-        Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``)."""
+        Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``). renderer: whose decoder turns the
+        bytes into images (Pillow's, or FFCV's libjpeg-turbo call)."""
         self.index = index
+        self.renderer = renderer
         self.strict = strict
         self.max_pixels = max_pixels
         self.capacity = capacity
@@ -66,12 +69,12 @@ class UnitReader:
             self._units.popitem(last=False)
         return samples
 
-    def _remember(self, i: int, image: Image.Image) -> None:
+    def _remember(self, i: int, image: SourceImage) -> None:
         self._images[i] = image
-        self._image_bytes += image.width * image.height * 3
+        self._image_bytes += _bytes(image)
         while self._image_bytes > self.image_budget and self._images:
             _, old = self._images.popitem(last=False)
-            self._image_bytes -= old.width * old.height * 3
+            self._image_bytes -= _bytes(old)
 
     def decode(self, indices: Iterable[int]) -> tuple[dict[int, Image.Image], dict[int, int]]:
         """Decode global ``indices`` -> ({index: RGB image}, {index that failed: why}), the
@@ -118,7 +121,7 @@ class UnitReader:
                 failed[i] = schema.TOO_LARGE
                 continue
             try:
-                images[i] = decode_image(sample.data)
+                images[i] = self.renderer.decode(sample.data, height, width)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 height, width = (int(v) for v in self.index.size[i])
                 log.warning(
@@ -138,6 +141,10 @@ class UnitReader:
                 continue
             self._remember(i, images[i])
         return images, failed
+
+
+def _bytes(image: SourceImage) -> int:
+    return image.nbytes if isinstance(image, np.ndarray) else image.width * image.height * 3
 
 
 def row_status(

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from kdcache import pixels, schema
 from kdcache.data.index import DatasetIndex
-from kdcache.render import IMAGENET, InputConvention
+from kdcache.render import IMAGENET, PILLOW, InputConvention, Renderer
 from kdcache.replay import cached_unit_views, fresh_unit_views, sampled_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images, row_status
@@ -54,6 +54,7 @@ class EpochData:
     teacher_input: InputConvention = IMAGENET
     strict: bool = False  # a shard cut short is an error, not a warning
     max_image_pixels: int | None = None  # larger images are unusable rows (None: Pillow's)
+    renderer: Renderer = PILLOW  # decode and crop-resize (Pillow's, or FFCV's)
 
 
 class TrainBatches(Dataset):
@@ -85,7 +86,7 @@ class TrainBatches(Dataset):
         s = self.s
         if self._reader is None:  # created in the worker: it holds open files and images
             self._reader = UnitReader(
-                s.index, capacity=8, strict=s.strict, max_pixels=s.max_image_pixels
+                s.index, 8, strict=s.strict, max_pixels=s.max_image_pixels, renderer=s.renderer
             )
         rows = np.asarray(s.batches[b], dtype=np.int64)
         epochs = (
@@ -108,19 +109,22 @@ class TrainBatches(Dataset):
             "lam": torch.from_numpy(views.lam.astype(np.float32)),
             "skipped": int((~ok).sum()),
         }
-        pixels.ship(item, "pixels", views, rows, images, s.image_size, student_filter)
+        pixels.ship(item, "pixels", views, rows, images, s.image_size, student_filter, s.renderer)
         for name, values in targets.items():
             item[name] = torch.from_numpy(values[ok])
         teacher_size = s.teacher_image_size or s.image_size
         if teacher_views is not None:  # independent: the same samples, the teacher's own views
             pixels.ship(
                 item, "teacher_pixels", teacher_views.take(ok), rows, images, teacher_size,
-                teacher_filter,
+                teacher_filter, s.renderer,
             )  # fmt: skip
         elif s.teacher_image_size and (
             s.teacher_image_size != s.image_size or teacher_filter != student_filter
         ):
-            pixels.ship(item, "teacher_pixels", views, rows, images, teacher_size, teacher_filter)
+            pixels.ship(
+                item, "teacher_pixels", views, rows, images, teacher_size, teacher_filter,
+                s.renderer,
+            )  # fmt: skip
         # else the teacher's input is the student's very render, normalised the teacher's way
         # (pixels.teacher_name)
         return item

@@ -23,6 +23,7 @@ from kdcache.options import (
     LABEL_MAP_HELP,
     MAX_PIXELS_HELP,
     PLAN_SEED_HELP,
+    RENDERER_HELP,
     VIEWS_HELP,
     WEIGHTS_HELP,
     WORKERS_HELP,
@@ -264,6 +265,7 @@ class TrainConfig:
     )
     label_map: str | None = option(None, help=LABEL_MAP_HELP, metavar="FILE", group=MODELS)
     max_image_pixels: int | None = option(None, help=MAX_PIXELS_HELP, metavar="N", group=MODELS)
+    renderer: str = option("pillow", help=RENDERER_HELP, choices=("pillow", "ffcv"), group=MODELS)
     resume: bool = option(
         False,
         help="continue OUT/checkpoint.pt; options that change the run (models, data, cache, "
@@ -311,6 +313,7 @@ class TrainConfig:
             teacher_mean=self.teacher_mean,
             teacher_std=self.teacher_std,
             max_image_pixels=self.max_image_pixels,
+            renderer=self.renderer,
             limit=self.limit,
             plan_seed=self.plan_seed or 0,
             teacher_image_size=self.teacher_image_size or self.image_size,

@@ -22,7 +22,14 @@ from kdcache.data.index import DatasetIndex, load_index
 from kdcache.dist import Dist
 from kdcache.errors import KdcacheError
 from kdcache.models import load_model
-from kdcache.render import IMAGENET, InputConvention, resolve_image_size
+from kdcache.render import (
+    IMAGENET,
+    PILLOW,
+    InputConvention,
+    Renderer,
+    get_renderer,
+    resolve_image_size,
+)
 from kdcache.runtime import autocast, loader_kwargs, prepare_model, resolve_device
 from kdcache.train.batches import EpochData, TrainBatches
 from kdcache.views import get_spec
@@ -36,6 +43,7 @@ def eval_batches(
     teacher_size: int | None = None,
     student_input: InputConvention = IMAGENET,
     teacher_input: InputConvention = IMAGENET,
+    renderer: Renderer = PILLOW,
 ) -> TrainBatches:
     """Every sample once, in index order, as deterministic ``center`` views."""
     n = index.num_samples
@@ -51,6 +59,7 @@ def eval_batches(
             teacher_image_size=teacher_size,
             student_input=student_input,
             teacher_input=teacher_input,
+            renderer=renderer,
         )
     )
 
@@ -138,6 +147,7 @@ def evaluate(
     teacher_input: InputConvention = IMAGENET,
     basis: str = "labels",
     label_map: np.ndarray | None = None,
+    renderer: Renderer = PILLOW,
 ) -> dict:
     """-> {"accuracy": top-1 on samples with a scored label, or None when ``basis`` is
     ``none``; "accuracy_basis"; with a teacher also "teacher_agreement" (top-1),
@@ -146,8 +156,9 @@ def evaluate(
     model.eval()
     ranks = ranks or Dist()
     batches = eval_batches(
-        index, image_size, teacher_image_size if teacher else None, student_input, teacher_input
-    )
+        index, image_size, teacher_image_size if teacher else None, student_input, teacher_input,
+        renderer,
+    )  # fmt: skip
     mine = list(range(ranks.rank, len(batches), ranks.world))  # ranks split the val set
     loader = DataLoader(
         torch.utils.data.Subset(batches, mine),
@@ -226,8 +237,10 @@ def evaluate_saved(
     teacher_std: tuple[float, float, float] | None = None,
     retrieval: bool = False,
     database: str | None = None,
+    renderer: str | None = None,
 ) -> dict:
     """``kdcache eval``: score a run directory (model.pt + config.json) or a weights file.
+    The center views are rendered by ``renderer`` (``pillow``, ``ffcv``; the run's own).
 
     Sizes, class count and input conventions default to the run's (its config.json); the
     teacher's image size to the run's teacher's (the cache's in cached mode). ``retrieval``:
@@ -291,6 +304,7 @@ def evaluate_saved(
         teacher_input=t.convention if t else IMAGENET,
         basis=basis,
         label_map=mapping,
+        renderer=get_renderer(renderer or run.get("renderer") or "pillow"),
     )
     if retrieval:
         from kdcache.train.retrieval import retrieval_scores

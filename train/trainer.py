@@ -34,7 +34,14 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.lock import output_lock, process_running
 from kdcache.losses import Sum, needs_of
 from kdcache.models import Model, load_model, warn_random_teacher
-from kdcache.render import IMAGENET, InputConvention, resolve_image_size
+from kdcache.render import (
+    IMAGENET,
+    PILLOW,
+    InputConvention,
+    Renderer,
+    get_renderer,
+    resolve_image_size,
+)
 from kdcache.runtime import loader_kwargs, prepare_model, resolve_device
 from kdcache.store import Cache, open_cache
 from kdcache.teacher_pass import cache_identity, precompute
@@ -76,6 +83,7 @@ class _Run:
     # The data labels as the student's classes: identity, a (L,) label map, or None (unusable).
     train_labels: str | None = None
     train_label_map: np.ndarray | None = None
+    renderer: Renderer = PILLOW  # --renderer: what renders every view of the run
 
 
 def _resolve(cfg: TrainConfig) -> _Run:
@@ -171,6 +179,8 @@ def _resolve(cfg: TrainConfig) -> _Run:
     )
     train_labels = _train_labels(mode, cfg.label_map, index, num_classes, label_classes)
     _check_needs(cfg, loss, mode, cache, num_classes, train_labels, index)
+    renderer = get_renderer(cfg.renderer)
+    renderer.check(spec)
     run = _Run(
         index,
         val,
@@ -189,6 +199,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
         loss,
         train_labels,
         label_map if train_labels == "label_map" else None,
+        renderer,
     )
     return run
 
@@ -346,6 +357,7 @@ def _check_cache(cache: Cache, cfg: TrainConfig, index: DatasetIndex) -> None:
         index,
         plan_seed=cfg.plan_seed if cfg.mode.replays_cache_views else None,
         image_size=cfg.teacher_image_size,
+        renderer=get_renderer(cfg.renderer).name,
     )
     try:
         cache.check_identity(expected, what="the training data")
@@ -470,6 +482,7 @@ RUN_OPTIONS = (
     "teacher_std",
     "label_map",
     "max_image_pixels",
+    "renderer",
     "reuse",
     "cache_limit",
     "views_per_decode",
@@ -696,6 +709,7 @@ def _fit(
                 teacher_input=run.teacher_input,
                 basis=run.accuracy_basis,
                 label_map=run.label_map,
+                renderer=run.renderer,
             )
             metrics["val_accuracy"] = scores.pop("accuracy")
             metrics.update(scores)
@@ -956,6 +970,7 @@ def _train_epoch(
         # Rows a cache calls usable were judged by its pixel limit: decode up to it.
         max_image_pixels=cfg.max_image_pixels
         or (run.cache.meta.get("max_image_pixels") if run.cache is not None else None),
+        renderer=run.renderer,
     )
     loader = DataLoader(
         PackedBatches(TrainBatches(epoch_data)),

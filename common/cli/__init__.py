@@ -204,6 +204,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             workers=args.workers,
             teacher_mean=args.teacher_mean,
             teacher_std=args.teacher_std,
+            renderer=args.renderer,
         )
     ok = result["top1_agreement"] >= args.min_agreement
     _emit(args, result, lambda: _table(list(result.items())))
@@ -284,6 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         teacher_std=args.teacher_std,
         retrieval=args.retrieval,
         database=args.database,
+        renderer=args.renderer,
     )
     _emit(args, result, lambda: _table(list(result.items())))
     return 0
@@ -572,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     _convention(p, "teacher")
     p.add_argument("--min-agreement", type=float, default=0.99, help="[0.99]")
     p.add_argument(
+        "--renderer",
+        choices=["pillow", "ffcv"],
+        help="render the checked views with this renderer instead of the cache's own: how far "
+        "the teacher's outputs move between renderers (top-1 agreement, logit error) [the "
+        "cache's]",
+    )
+    p.add_argument(
         "--repair", action="store_true", help="recompute damaged units (needs write access)"
     )
     _device(p)
@@ -650,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--database", metavar="DATA", help="retrieval database shards [the run's training data]"
+    )
+    p.add_argument(
+        "--renderer",
+        choices=["pillow", "ffcv"],
+        help="what renders the center views [the run's --renderer; pillow for a weights file]",
     )
     _device(p)
     _common(p)
