@@ -36,6 +36,7 @@ import torch
 from kdcache.render import (
     PILLOW,
     InputConvention,
+    Pixels8,
     Renderer,
     SourceImage,
     render_8bit,
@@ -64,14 +65,19 @@ def ship(
 ) -> None:
     """Render ``views`` of ``rows`` into ``item`` under ``name``, as 8-bit pixels when the
     pipeline allows (:func:`kdcache.render.renders_8bit`), else as [0, 1] floats."""
-    partner, blend, lam = _keys(name)
     if renders_8bit(views.spec):
-        r = render_8bit(views, rows, images, size, resample, renderer)
-        item[name], item[partner] = torch.from_numpy(r.own), torch.from_numpy(r.partner)
-        item[blend], item[lam] = torch.from_numpy(r.blend), torch.from_numpy(r.lam)
+        put(item, name, render_8bit(views, rows, images, size, resample, renderer))
     else:
         raw = render_raw(views, rows, images, size, resample, renderer)
         item[name] = torch.from_numpy(raw)
+
+
+def put(item: dict, name: str, r: Pixels8) -> None:
+    """8-bit views made elsewhere (:func:`kdcache.render.mix_8bit`) into ``item`` as
+    :func:`ship` puts them."""
+    partner, blend, lam = _keys(name)
+    item[name], item[partner] = torch.from_numpy(r.own), torch.from_numpy(r.partner)
+    item[blend], item[lam] = torch.from_numpy(r.blend), torch.from_numpy(r.lam)
 
 
 def take(

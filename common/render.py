@@ -256,8 +256,15 @@ def render_8bit(
     renderer: Renderer = PILLOW,
 ) -> Pixels8:
     """The views of ``rows`` as :class:`Pixels8`, for a pipeline that :func:`renders_8bit`."""
-    spec = views.spec or LEGACY
     own, other = _render_8bit(views, rows, images, size, resample, renderer)
+    return mix_8bit(views, own, other)
+
+
+def mix_8bit(views: Views, own: np.ndarray, other: np.ndarray) -> Pixels8:
+    """Rows' own and partner crops ((B, S, S, 3) uint8 each; ``own`` is changed) -> the
+    :class:`Pixels8` of their views: CutMix boxes pasted, mixup's rows and partners picked."""
+    spec = views.spec or LEGACY
+    size = own.shape[1]
     blend: list[int] = []
     mix_at = _mix_position(spec)
     for b in np.flatnonzero(views.partner >= 0):

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from kdcache import pixels, schema
 from kdcache.data.index import DatasetIndex
-from kdcache.render import IMAGENET, PILLOW, InputConvention, Renderer
+from kdcache.render import IMAGENET, PILLOW, InputConvention, Renderer, mix_8bit
 from kdcache.replay import cached_unit_views, fresh_unit_views, sampled_unit_views
 from kdcache.store import Cache
 from kdcache.units import UnitReader, needed_images, row_status
@@ -89,29 +89,14 @@ class TrainBatches(Dataset):
                 s.index, 8, strict=s.strict, max_pixels=s.max_image_pixels, renderer=s.renderer
             )
         rows = np.asarray(s.batches[b], dtype=np.int64)
-        epochs = (
-            np.full(len(rows), s.epoch, dtype=np.int64)
-            if s.row_epochs is None
-            else np.asarray(s.row_epochs[b], dtype=np.int64)
-        )
-        views, ok, targets, teacher_views = self._gather(rows, epochs)
+        views, ok, targets, teacher_views = self.gather(b)
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))
-        if failed:  # precompute's rule (row_status); without failures it changes nothing here
-            ok &= row_status(rows, views.partner, views.box, failed) == schema.OK
-        rows, views = rows[ok], views.take(ok)
-        partner = np.where(views.partner >= 0, views.partner, rows)
         student_filter = s.spec.resample("student", s.student_input.interpolation)
         teacher_filter = s.spec.resample("teacher", s.teacher_input.interpolation)
-        item = {
-            "rows": torch.from_numpy(rows),
-            "label": torch.from_numpy(s.index.label[rows]),
-            "partner_label": torch.from_numpy(s.index.label[partner]),
-            "lam": torch.from_numpy(views.lam.astype(np.float32)),
-            "skipped": int((~ok).sum()),
-        }
+        item = self.assemble(rows, views, ok, targets, failed)
+        ok = self._usable(rows, views, ok, failed)
+        rows, views = rows[ok], views.take(ok)
         pixels.ship(item, "pixels", views, rows, images, s.image_size, student_filter, s.renderer)
-        for name, values in targets.items():
-            item[name] = torch.from_numpy(values[ok])
         teacher_size = s.teacher_image_size or s.image_size
         if teacher_views is not None:  # independent: the same samples, the teacher's own views
             pixels.ship(
@@ -127,6 +112,59 @@ class TrainBatches(Dataset):
             )  # fmt: skip
         # else the teacher's input is the student's very render, normalised the teacher's way
         # (pixels.teacher_name)
+        return item
+
+    def gather(self, b: int) -> tuple[Views, np.ndarray, dict[str, np.ndarray], Views | None]:
+        """Batch ``b``'s views, usable mask (before decoding), cached targets and teacher
+        views, every row of the batch (:meth:`assemble` drops the unusable ones)."""
+        s = self.s
+        rows = np.asarray(s.batches[b], dtype=np.int64)
+        epochs = (
+            np.full(len(rows), s.epoch, dtype=np.int64)
+            if s.row_epochs is None
+            else np.asarray(s.row_epochs[b], dtype=np.int64)
+        )
+        return self._gather(rows, epochs)
+
+    @staticmethod
+    def _usable(
+        rows: np.ndarray, views: Views, ok: np.ndarray, failed: dict[int, int]
+    ) -> np.ndarray:
+        if failed:  # precompute's rule (row_status); without failures it changes nothing here
+            return ok & (row_status(rows, views.partner, views.box, failed) == schema.OK)
+        return ok
+
+    def assemble(
+        self,
+        rows: np.ndarray,
+        views: Views,
+        ok: np.ndarray,
+        targets: dict[str, np.ndarray],
+        failed: dict[int, int],
+        crops: torch.Tensor | None = None,
+    ) -> dict:
+        """A batch from its :meth:`gather` parts and the images that did not decode: its
+        usable rows, their labels, lam, cached targets and ``skipped``; with ``crops``
+        ((B, 2, S, S, 3) uint8, each row's own and partner crop, made by FFCV's loader:
+        :mod:`kdcache.train.ffcv_loader`) also its pixels, mixed as :func:`pixels.ship` does."""
+        s = self.s
+        ok = self._usable(rows, views, ok, failed)
+        skipped = int((~ok).sum())
+        rows, views = rows[ok], views.take(ok)
+        partner = np.where(views.partner >= 0, views.partner, rows)
+        item = {
+            "rows": torch.from_numpy(rows),
+            "label": torch.from_numpy(s.index.label[rows]),
+            "partner_label": torch.from_numpy(s.index.label[partner]),
+            "lam": torch.from_numpy(views.lam.astype(np.float32)),
+            "skipped": skipped,
+        }
+        for name, values in targets.items():
+            item[name] = torch.from_numpy(values[ok])
+        if crops is not None:
+            keep = torch.from_numpy(ok)
+            own, other = crops[keep, 0].numpy(), crops[keep, 1].numpy()
+            pixels.put(item, "pixels", mix_8bit(views, own, other))
         return item
 
     def _gather(

@@ -211,6 +211,15 @@ class TrainConfig:
         choices=("cycle", "sample"),
         group=VIEWS,
     )
+    loader: str = option(
+        "torch",
+        help="what runs the decoding and cropping: torch (DataLoader worker processes, "
+        "--workers of them) or ffcv (FFCV's loader, --workers threads, replaying kdcache's "
+        "views and order; a .beton with --renderer ffcv: the same pixels, without the "
+        "processes)",
+        choices=("torch", "ffcv"),
+        group=VIEWS,
+    )
     views_per_decode: int = option(
         1,
         help="train V epochs' views of each image from one decode: epochs go in passes of V, "

@@ -679,7 +679,9 @@ def _fit(
     if ranks.main and (fresh or not os.path.exists(os.path.join(cfg.out, "config.json"))):
         _write_json(resolved, os.path.join(cfg.out, "config.json"))  # never rewritten
     save = _Saver(cfg, bare, optimizer, schedule, ranks, features)
-    learner = _Learner(student, bare, student_input, optimizer, schedule, device, features)
+    learner = _Learner(
+        student, bare, student_input, optimizer, schedule, device, features, _ffcv(cfg, run)
+    )
     metrics: dict[str, Any] = _last_metrics(cfg.out) if pos.epoch else {}
     if pos.epoch >= cfg.epochs:
         log.info("%s already holds %d epochs; nothing to do", cfg.out, pos.epoch)
@@ -745,6 +747,8 @@ def _fit(
         if on_epoch and ranks.main:
             on_epoch(metrics)
     ranks.barrier()  # rank 0's last files are written before any rank returns
+    if learner.ffcv is not None:
+        learner.ffcv.close()
     return {"out": cfg.out, **metrics}
 
 
@@ -910,6 +914,34 @@ class _Learner:
     schedule: Any  # LambdaLR: warm-up, then cosine
     device: torch.device
     features: feature_distill.FeatureDistill | None = None  # --features: taps and their loss
+    ffcv: Any = None  # --loader ffcv: the run's FfcvEpochs (kdcache.train.ffcv_loader)
+
+
+def _ffcv(cfg: TrainConfig, run: _Run) -> Any:
+    """--loader ffcv: FFCV's loader makes the crops of a ``.beton`` with --renderer ffcv
+    (:mod:`kdcache.train.ffcv_loader`); None for --loader torch."""
+    if cfg.loader != "ffcv":
+        return None
+    problems = []
+    if not beton.is_beton(cfg.data):
+        problems.append(f"it reads an FFCV file: --data {cfg.data} is not a .beton")
+    if cfg.renderer != "ffcv":
+        problems.append("its crops are FFCV's decode and resize: pass --renderer ffcv")
+    if cfg.views_per_decode != 1:
+        problems.append("it renders one view per sample and epoch: drop --views-per-decode")
+    mode = run.mode
+    if mode.teacher_stream is not None or (
+        mode.runs_teacher and run.teacher_image_size != run.image_size
+    ):
+        problems.append(
+            "it renders one view per row at one size: a live teacher on its own views or at "
+            "another size needs --loader torch"
+        )
+    if problems:
+        raise KdcacheError("--loader ffcv: " + "; ".join(problems))
+    from kdcache.train.ffcv_loader import FfcvEpochs
+
+    return FfcvEpochs(cfg.data, run.index.size, run.image_size, cfg.workers)
 
 
 def _pass_length(cfg: TrainConfig, epoch: int) -> int:
@@ -972,19 +1004,22 @@ def _train_epoch(
         or (run.cache.meta.get("max_image_pixels") if run.cache is not None else None),
         renderer=run.renderer,
     )
-    loader = DataLoader(
-        PackedBatches(TrainBatches(epoch_data)),
-        batch_size=None,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(epoch),  # leaves the global RNG alone
-        **loader_kwargs(cfg.workers),
-    )
+    if learner.ffcv is not None:  # --loader ffcv: the same items, crops from FFCV's loader
+        items = learner.ffcv.items(TrainBatches(epoch_data))
+    else:
+        loader = DataLoader(
+            PackedBatches(TrainBatches(epoch_data)),
+            batch_size=None,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch),  # leaves the global RNG alone
+            **loader_kwargs(cfg.workers),
+        )
+        items = (unpack(packed) for packed in loader)
     student.train()
     total_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     images = skipped = 0
     started = time.perf_counter()
-    for step, packed in enumerate(loader, start=pos.step):
-        item = unpack(packed)
+    for step, item in enumerate(items, start=pos.step):
         skipped += item["skipped"]
         if len(item["rows"]) == 0:
             # No usable row: step with a zero loss, as every rank must under DDP (and so the
