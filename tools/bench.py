@@ -31,6 +31,13 @@ rounds keeping each figure's best round, and reports:
 - methods: the student step of each logit loss (on a cached-style top-10 target) over KL's,
   and of each feature method (FitNets, AT, RKD, PKT, online avatar KD, an InDistill stage on a
   pruned layer: teacher forward included) over online KL's (methods_vs_kl_step_ratio);
+- loaders (``--only loaders`` runs just this, in minutes): loader_images_per_s_per_core, a
+  dict source -> images/s on one core at 224 px on ImageNet-sized JPEGs (about 500x375):
+  kdcache's batches (consistent views, 8-bit out) from tar shards and from a .beton through
+  the Pillow and the FFCV renderer, the old worker-side normalisation, timm's own loader
+  (``create_loader``, default train transforms, with and without its colour jitter) and
+  FFCV's own loader (random-resized-crop decoder); loader_best_kdcache_vs_timm (goal >= 1.5)
+  and _vs_ffcv (goal >= 1.0); batch_bytes_* before (float32) and now (8-bit);
 - peak_rss_mb of each stage.
 
 Absolute seconds depend on the machine and on what else runs on it; compare the ratios.
@@ -678,7 +685,109 @@ def stage_methods(c: dict) -> dict:
     }
 
 
+def stage_loaders(c: dict) -> dict:
+    """Per-core loader rates at 224 px on ImageNet-sized JPEGs, every source in turn in one
+    process on one thread, each figure the best of ``rounds``: kdcache's TrainBatches (what a
+    DataLoader worker runs: decode, crop, flip, 8-bit out) on tar shards and on a .beton with
+    the Pillow and the FFCV renderer, kdcache's batch normalised in the worker as before
+    (``_worker_normalised``), timm's own loader (its default train transforms) and FFCV's own
+    loader (its random-resized-crop decoder). Plus the bytes each batch moves from a worker."""
+    import loader_baselines as lb
+    import torch
+
+    from kdcache import pixels
+    from kdcache.data.index import load_index
+    from kdcache.render import IMAGENET, get_renderer
+    from kdcache.train.batches import EpochData, TrainBatches
+    from kdcache.train.order import epoch_order, rank_batches
+    from kdcache.views import get_spec
+
+    torch.set_num_threads(1)
+    size, batch = c["loader_size"], c["loader_batch"]
+    samples = lb.read_jpegs(c["loader_data"])
+    sources = {"tar": load_index(c["loader_data"])}
+    have_ffcv = c.get("loader_beton") is not None
+    if have_ffcv:
+        sources["beton"] = load_index(c["loader_beton"])
+
+    def epoch(index, renderer: str, e: int = 0) -> TrainBatches:
+        batches = rank_batches(epoch_order(index.counts, seed=0, epoch=e), batch)
+        spec = get_spec("consistent")
+        return TrainBatches(
+            EpochData(index, batches, e, size, spec, 0, renderer=get_renderer(renderer))
+        )
+
+    def kdcache(index, renderer: str, normalise: bool) -> float:
+        epoch(index, renderer)[0]  # warm-up (imports, a unit), then a fresh reader for the timing
+        data, n = epoch(index, renderer), 0
+        start = time.perf_counter()
+        for b in range(len(data)):
+            item = data[b]
+            if normalise:  # the old path: floats out of the worker
+                pixels.take(item, "pixels", IMAGENET, "cpu")
+            n += len(item["rows"])
+        return n / (time.perf_counter() - start)
+
+    ffcv_epochs = None
+
+    def kdcache_ffcv_loader() -> float:
+        """kdcache's views through FFCV's loader, one thread (its first epoch compiles)."""
+        nonlocal ffcv_epochs
+        from kdcache.train.ffcv_loader import FfcvEpochs
+
+        index = sources["beton"]
+        if ffcv_epochs is None:
+            ffcv_epochs = FfcvEpochs(c["loader_beton"], index.size, size, 1)
+            for _ in ffcv_epochs.items(epoch(index, "ffcv", 1)):
+                pass
+        n, start = 0, time.perf_counter()
+        for item in ffcv_epochs.items(epoch(index, "ffcv")):
+            n += len(item["rows"])
+        return n / (time.perf_counter() - start)
+
+    arms = {}
+    for name, index in sources.items():
+        arms[f"kdcache_{name}_pillow"] = lambda i=index: kdcache(i, "pillow", False)
+        if have_ffcv:
+            arms[f"kdcache_{name}_ffcv"] = lambda i=index: kdcache(i, "ffcv", False)
+    if have_ffcv:
+        arms["kdcache_beton_ffcv_loader"] = kdcache_ffcv_loader
+    arms["kdcache_tar_pillow_worker_normalised"] = lambda: kdcache(sources["tar"], "pillow", True)
+    arms["timm"] = lambda: lb.timm_images_per_s(samples, size, 64)
+    arms["timm_no_color_jitter"] = lambda: lb.timm_images_per_s(
+        samples, size, 64, color_jitter=None
+    )
+    if have_ffcv:
+        work = tempfile.mkdtemp(prefix="ffcv-own-", dir=c["work"])
+        arms["ffcv"] = lambda: lb.ffcv_images_per_s(samples, work, size, 64)
+    rates: dict[str, float] = {}
+    for _ in range(c["rounds"]):
+        for name, arm in arms.items():
+            rates[name] = max(rates.get(name, 0.0), arm())
+    out: dict = {"loader_images_per_s_per_core": {k: round(v, 1) for k, v in rates.items()}}
+    out["loader_data"] = lb.image_stats(samples)
+    # Bytes per batch from a worker, before (normalised float32) and after (8-bit).
+    index = sources["tar"]
+    rows = np.arange(min(batch, index.num_samples))
+    for views in ("consistent", "function_matching"):
+        item = TrainBatches(EpochData(index, [rows], 0, size, get_spec(views), 0))[0]
+        before = len(rows) * 3 * size * size * 4
+        out[f"batch_bytes_{views}"] = {
+            "float32_before": before,
+            "uint8_now": pixels.shipped_bytes(item),
+            "ratio": round(before / pixels.shipped_bytes(item), 3),
+        }
+    kd = max(v for k, v in rates.items() if k.startswith("kdcache_"))
+    best = max((k for k in rates if k.startswith("kdcache_")), key=rates.get)
+    out["loader_best_kdcache"] = best
+    out["loader_best_kdcache_vs_timm"] = round(kd / rates["timm"], 3)
+    if have_ffcv:
+        out["loader_best_kdcache_vs_ffcv"] = round(kd / rates["ffcv"], 3)
+    return out
+
+
 STAGES = {
+    "loaders": stage_loaders,
     "methods": stage_methods,
     "view_ops": stage_view_ops,
     "models": stage_models,
@@ -690,6 +799,21 @@ STAGES = {
     "blocks": stage_blocks,
     "views_per_decode": stage_views_per_decode,
 }
+
+
+def _loader_data(out: str, samples: int) -> dict:
+    """The loaders stage's ImageNet-sized JPEG shards, and their .beton when ffcv is here."""
+    import importlib.util
+
+    import loader_baselines as lb
+
+    data = lb.write_jpeg_shards(os.path.join(out, "tar"), samples)
+    beton = None
+    if importlib.util.find_spec("ffcv") is not None:
+        from kdcache.data import beton as B
+
+        beton = B.write(data, os.path.join(out, "train.beton"))
+    return {"loader_data": data, "loader_beton": beton}
 
 
 def run_stage(name: str, c: dict) -> dict:
@@ -734,6 +858,17 @@ def main() -> None:
         help="rounds of the timed stages, interleaved; each figure keeps its best round [2]",
     )
     p.add_argument("--dir", help="work directory [a temporary one]")
+    p.add_argument(
+        "--only",
+        choices=["loaders"],
+        help="run only this stage: loaders, the per-core loader rates (a few minutes)",
+    )
+    p.add_argument(
+        "--loader-samples",
+        type=int,
+        default=512,
+        help="ImageNet-sized JPEGs (about 500x375) of the loaders stage [512]",
+    )
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--stage-config", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -763,10 +898,20 @@ def main() -> None:
         f"{c['image_size']} px, {c['samples']} images, work dir {work}"
     )
     started = time.perf_counter()
+    c.update(loader_size=224, loader_batch=64, work=work, rounds=args.rounds)
+    log(f"bench: loaders data ({args.loader_samples} ImageNet-sized JPEGs)")
+    c.update(_loader_data(os.path.join(work, "loaders"), args.loader_samples))
+    if args.only == "loaders":
+        log("bench: loaders (per-core loader rates, every source in turn)")
+        result = run_stage("loaders", c)
+        result["setup"] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                           "rounds": args.rounds, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        print(json.dumps(result, indent=None if args.json else 2))
+        return
     c["data"] = make_shards(os.path.join(work, "data"), c["samples"])
     c["val"] = make_shards(os.path.join(work, "val"), 64, per_shard=64)
     result: dict[str, Any] = {}
-    for name in ("decode", "rows", "view_ops"):
+    for name in ("decode", "rows", "view_ops", "loaders"):
         log(f"bench: {name}")
         result.update(run_stage(name, c))
     # The timed stages run in rounds, interleaved, and each figure keeps its best round: noise
