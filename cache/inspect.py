@@ -48,6 +48,7 @@ def summary(cache: Cache) -> dict[str, Any]:
         "teacher_weights_hash": m["teacher_weights_hash"],
         "views": m["views"]["name"],
         "view_spec": m["views"]["spec"],
+        "renderer": m.get("renderer", "pil-bilinear-v1"),  # what the views were rendered by
         "bytes_per_row_by_op": by_op,
         "plan_seed": m["plan_seed"],
         "topk": m["topk"],

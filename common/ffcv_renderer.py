@@ -29,6 +29,7 @@ import glob
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -125,6 +126,19 @@ class FfcvRenderer(Renderer):
                 "with --renderer pillow"
             )
         _lib()
+
+    def check_data(self, index: Any, where: str) -> None:
+        from kdcache.data.webdataset import read_unit
+
+        samples = read_unit(index.units[0].url) if index.units else []
+        first = next((s.data for s in samples if s.data), None)
+        if first is not None and not first.startswith(_JPEG):
+            kind = "a PNG" if first.startswith(b"\x89PNG") else "not a JPEG"
+            raise KdcacheError(
+                f"the ffcv renderer decodes JPEG only (FFCV's image field holds JPEG or raw "
+                f"pixels), and the first image of {where} is {kind}: render it with "
+                "--renderer pillow"
+            )
 
 
 FFCV = FfcvRenderer()

@@ -144,6 +144,10 @@ class Renderer:
     def check(self, spec: ViewSpec) -> None:
         """Refuse a pipeline this renderer cannot render (a :class:`KdcacheError`)."""
 
+    def check_data(self, index: Any, where: str) -> None:
+        """Refuse data (a ``DatasetIndex``, named ``where``) this renderer cannot decode,
+        judged by its first image."""
+
 
 PILLOW = Renderer()
 

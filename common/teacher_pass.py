@@ -319,6 +319,7 @@ def _precompute(
         log.info("avatars: %d per view, dropout %.3g on the input of %s", *avatars.values())
     renderer = get_renderer(cfg.renderer)
     renderer.check(spec)
+    renderer.check_data(index, cfg.data)
     identity = cache_identity(
         index, teacher, spec, cfg.plan_seed, k, size, avatars, renderer=renderer.name
     )

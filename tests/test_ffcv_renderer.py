@@ -90,6 +90,7 @@ def test_the_renderer_refuses_ops_it_cannot_render():
 def test_a_ffcv_cache_records_its_renderer_and_replays_exactly(ffcv_cache, jpegs):
     from conftest import assert_teacher_reproduces
 
+    from kdcache.cache.inspect import summary
     from kdcache.data.index import load_index
     from kdcache.models import create_model
     from kdcache.store import open_cache
@@ -98,6 +99,7 @@ def test_a_ffcv_cache_records_its_renderer_and_replays_exactly(ffcv_cache, jpegs
 
     cache, index = open_cache(ffcv_cache), load_index(jpegs[0])
     assert cache.meta["renderer"] == ffcv_renderer.RENDERER
+    assert summary(cache)["renderer"] == ffcv_renderer.RENDERER
     teacher = create_model(TEACHER, 4, seed=0).eval()
     agree = total = 0
     for epoch in range(cache.epochs):
@@ -148,10 +150,8 @@ def test_verify_through_its_own_and_the_other_renderer(ffcv_cache, jpegs):
     assert other["max_abs_logit_error"] > 0  # other pixels: the logits move
 
 
-def test_png_rows_are_bad_rows_under_the_ffcv_renderer(train_dir, tmp_path):
-    from conftest import CACHE_EPOCHS, TRAIN_SHARDS
-
+def test_png_data_is_refused_by_the_ffcv_renderer(train_dir, tmp_path):
     from kdcache.cache import precompute
 
-    summary = precompute(cache_config(train_dir, str(tmp_path / "png.zarr"), renderer="ffcv"))
-    assert summary["bad_rows"] == CACHE_EPOCHS * sum(TRAIN_SHARDS)  # every image is a PNG
+    with pytest.raises(KdcacheError, match="decodes JPEG only.*is a PNG.*--renderer pillow"):
+        precompute(cache_config(train_dir, str(tmp_path / "png.zarr"), renderer="ffcv"))

@@ -181,6 +181,7 @@ def _resolve(cfg: TrainConfig) -> _Run:
     _check_needs(cfg, loss, mode, cache, num_classes, train_labels, index)
     renderer = get_renderer(cfg.renderer)
     renderer.check(spec)
+    renderer.check_data(index, cfg.data)
     run = _Run(
         index,
         val,
