@@ -46,7 +46,6 @@ Absolute seconds depend on the machine and on what else runs on it; compare the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -85,22 +84,9 @@ NUM_CLASSES = 1000
 
 def synthetic_jpeg(rng: np.random.Generator) -> bytes:
     """A smooth random scene (gradients, blobs, texture), about 400x350, JPEG quality 90."""
-    from PIL import Image
+    from loader_baselines import scene_jpeg
 
-    h, w = int(rng.integers(300, 400)), int(rng.integers(350, 450))
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
-    for c in range(3):
-        fx, fy = rng.uniform(0.005, 0.03, 2)
-        img[..., c] = 128 + 60 * np.sin(fx * x + rng.uniform(0, 6)) * np.cos(fy * y)
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, 120)
-        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
-        img += blob[..., None] * rng.uniform(-90, 90, 3)
-    img += rng.normal(0, 8, img.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return scene_jpeg(rng, (300, 400), (350, 450))
 
 
 def make_shards(out: str, samples: int, per_shard: int = 256) -> str:

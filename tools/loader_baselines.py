@@ -44,11 +44,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def imagenet_like_jpeg(rng: np.random.Generator) -> bytes:
-    """A smooth random scene (sinusoid gradients, gaussian blobs, noise) the size of an average
-    ImageNet image: height in [330, 420), width in [450, 550) (about 500x375), JPEG quality 90."""
+    """A smooth random scene the size of an average ImageNet image: height in [330, 420),
+    width in [450, 550) (about 500x375), JPEG quality 90."""
+    return scene_jpeg(rng, (330, 420), (450, 550))
+
+
+def scene_jpeg(
+    rng: np.random.Generator, heights: tuple[int, int], widths: tuple[int, int]
+) -> bytes:
+    """A smooth random scene (sinusoid gradients, gaussian blobs, noise) of a height and width
+    drawn from ``heights`` and ``widths`` (half-open ranges), JPEG quality 90."""
     from PIL import Image
 
-    h, w = int(rng.integers(330, 420)), int(rng.integers(450, 550))
+    h, w = int(rng.integers(*heights)), int(rng.integers(*widths))
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.zeros((h, w, 3), np.float32)
     for c in range(3):
