@@ -772,8 +772,36 @@ def stage_loaders(c: dict) -> dict:
     return out
 
 
+def stage_loader_training(c: dict) -> dict:
+    """On a GPU: hard-label training images/s of the bench's student at 224 px through each
+    source (tar + Pillow, .beton + FFCV renderer, that with --loader ffcv), --workers each, the
+    best of epochs 2 and 3 (the first compiles and warms up). Not run on a CPU, where the
+    figure would measure the model, not the loader."""
+    from kdcache.train import TrainConfig, fit
+
+    arms = {"tar_pillow_torch": (c["loader_data"], "pillow", "torch")}
+    if c.get("loader_beton"):
+        arms["beton_ffcv_torch"] = (c["loader_beton"], "ffcv", "torch")
+        arms["beton_ffcv_ffcv"] = (c["loader_beton"], "ffcv", "ffcv")
+    out = {}
+    for name, (data, renderer, loader) in arms.items():
+        run = os.path.join(c["work"], f"loader-train-{name}")
+        cfg = TrainConfig(
+            data=data, val=c["val"], student=c["student"], out=run, epochs=3,
+            teacher_mode="none", views="consistent", image_size=c["loader_size"],
+            batch_size=c["batch_size"], workers=c["workers"], device=c["device"],
+            renderer=renderer, loader=loader, num_classes=NUM_CLASSES, command="bench",
+        )  # fmt: skip
+        fit(cfg)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rates = [json.loads(line)["images_per_s"] for line in f][1:]
+        out[name] = round(max(rates), 1)
+    return {"train_images_per_s_by_source": out}
+
+
 STAGES = {
     "loaders": stage_loaders,
+    "loader_training": stage_loader_training,
     "methods": stage_methods,
     "view_ops": stage_view_ops,
     "models": stage_models,
@@ -847,13 +875,13 @@ def main() -> None:
     p.add_argument(
         "--only",
         choices=["loaders"],
-        help="run only this stage: loaders, the per-core loader rates (a few minutes)",
+        help="run only this stage: loaders, the per-core loader rates (a few minutes; on "
+        "CUDA also training images/s through each source)",
     )
     p.add_argument(
         "--loader-samples",
         type=int,
-        default=512,
-        help="ImageNet-sized JPEGs (about 500x375) of the loaders stage [512]",
+        help="ImageNet-sized JPEGs (about 500x375) of the loaders stage [cpu 512, cuda 8192]",
     )
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--stage-config", help=argparse.SUPPRESS)
@@ -885,11 +913,15 @@ def main() -> None:
     )
     started = time.perf_counter()
     c.update(loader_size=224, loader_batch=64, work=work, rounds=args.rounds)
-    log(f"bench: loaders data ({args.loader_samples} ImageNet-sized JPEGs)")
-    c.update(_loader_data(os.path.join(work, "loaders"), args.loader_samples))
+    loader_samples = args.loader_samples or (8192 if device.startswith("cuda") else 512)
+    log(f"bench: loaders data ({loader_samples} ImageNet-sized JPEGs)")
+    c.update(_loader_data(os.path.join(work, "loaders"), loader_samples))
     if args.only == "loaders":
         log("bench: loaders (per-core loader rates, every source in turn)")
         result = run_stage("loaders", c)
+        if device.startswith("cuda"):  # training images/s through each source
+            c["val"] = make_shards(os.path.join(work, "val"), 64, per_shard=64)
+            result.update(run_stage("loader_training", c))
         result["setup"] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                            "rounds": args.rounds, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         print(json.dumps(result, indent=None if args.json else 2))
@@ -900,6 +932,9 @@ def main() -> None:
     for name in ("decode", "rows", "view_ops", "loaders"):
         log(f"bench: {name}")
         result.update(run_stage(name, c))
+    if device.startswith("cuda"):
+        log("bench: training images/s through each source (GPU)")
+        result.update(run_stage("loader_training", c))
     # The timed stages run in rounds, interleaved, and each figure keeps its best round: noise
     # on a shared machine only ever slows a stage, and interleaving exposes every stage to it.
     for r in range(args.rounds):
