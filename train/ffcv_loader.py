@@ -235,6 +235,10 @@ class PlanLoader:
             raise KdcacheError("a batch is larger than the FFCV loader's batch size")
         self.table.put(rows, views)
         self._order = self._flat(batches)
+        # FFCV cuts every epoch to the length of the order it saw when it was made
+        # (``len(loader)`` reads ``first_traversal_order``): a loader made in a resumed, shorter
+        # epoch would cut the full ones after it. This epoch's order is the one to go by.
+        self.loader.first_traversal_order = self._order
         threads = torch.get_num_threads()
         it = iter(self.loader)
         torch.set_num_threads(threads)  # FFCV set it to its worker count
