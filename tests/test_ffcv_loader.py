@@ -3,6 +3,8 @@ with ``--renderer ffcv``, bit for bit, in kdcache's order, and a run trains the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,19 @@ def test_a_run_through_ffcvs_loader_trains_the_dataloaders_steps(betons, beton_c
     a, b = read_steps(tmp_path / "torch"), read_steps(tmp_path / "ffcv")
     assert len(a) == len(b) > 0
     assert [s["loss"] for s in a] == [s["loss"] for s in b]
+    # stopped inside the first epoch and resumed: a new FFCV loader, made on the shorter rest
+    stopped = small_run(*betons, tmp_path / "stopped", loader="ffcv", checkpoint_every=1, **kw)
+
+    def stop(epoch: int, step: int, steps: int, loss: float) -> None:
+        if (epoch, step) == (0, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(stopped, on_step=stop)
+    fit(dataclasses.replace(stopped, resume=True))
+    want = torch.load(tmp_path / "torch" / "model.pt")
+    got = torch.load(tmp_path / "stopped" / "model.pt")
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_the_ffcv_loader_says_what_it_needs(betons, jpegs, tmp_path):  # noqa: F811
