@@ -128,3 +128,17 @@ def test_shards_to_ffcv_from_digits_on_the_command_line(tmp_path):
     assert index.counts == [16, 16, 8] and index.num_classes == 10
     code, _, err = run_cli("shards", "--from", "digits", "--to", "ffcv", "--out", str(tmp_path))
     assert code != 0 and "pass --overwrite" in err
+
+
+def test_reading_a_beton_leaves_torchs_threads_alone(betons):
+    """Importing ffcv sets torch's intra-op threads to 1 process-wide; kdcache puts them back
+    (a fresh process: the import happens once)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(2); from kdcache.data.index import load_index; "
+        f"load_index({betons[0]!r}); print(torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "2"

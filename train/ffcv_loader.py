@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.data.beton import import_ffcv
 from kdcache.errors import KdcacheError
 from kdcache.views import Views
 
@@ -175,14 +176,9 @@ class PlanLoader:
 
     def __init__(self, path: str, sizes: np.ndarray, batches: list[np.ndarray], size: int,
                  threads: int):  # fmt: skip
-        try:
-            from ffcv.loader import Loader
-            from ffcv.loader import loader as ffcv_loader
-            from ffcv.traversal_order.base import TraversalOrder
-        except ImportError as e:
-            raise KdcacheError(
-                f"--loader ffcv needs the ffcv extra (pip install 'kdcache[ffcv]'): {e}"
-            ) from None
+        ffcv_loader = import_ffcv("loader.loader", "--loader ffcv")
+        Loader = ffcv_loader.Loader  # noqa: N806
+        TraversalOrder = import_ffcv("traversal_order.base", "--loader ffcv").TraversalOrder  # noqa: N806
         self.table = ViewTable(sizes)
         self.batch_size = max(len(b) for b in batches)
         self._order = self._flat(batches)

@@ -49,15 +49,28 @@ def is_beton(spec: str) -> bool:
     return str(spec).split(_UNIT_MARK, 1)[0].endswith(SUFFIX)
 
 
-def _reader(path: str) -> Any:
+def import_ffcv(module: str, needed_by: str) -> Any:
+    """``import ffcv.MODULE``, keeping torch's intra-op thread count: importing ffcv sets it to 1
+    for the whole process (its pipeline compiler's default), which would leave a CPU run's
+    student on one thread. A missing extra is a :class:`KdcacheError` naming ``needed_by``."""
+    import importlib
+
+    import torch
+
+    threads = torch.get_num_threads()
     try:
-        from ffcv.reader import Reader
+        return importlib.import_module(f"ffcv.{module}")
     except ImportError as e:
         raise KdcacheError(
-            f"{path} is an FFCV file: reading it needs the ffcv extra (pip install "
-            f"'kdcache[ffcv]', with OpenCV, libjpeg-turbo and pkg-config installed): {e}"
+            f"{needed_by} needs the ffcv extra (pip install 'kdcache[ffcv]', with OpenCV, "
+            f"libjpeg-turbo and pkg-config installed): {e}"
         ) from None
-    return Reader(path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reader(path: str) -> Any:
+    return import_ffcv("reader", f"{path} is an FFCV file: reading it").Reader(path)
 
 
 @lru_cache(maxsize=8)
@@ -136,13 +149,9 @@ def write(data: str, out: str, workers: int = 1) -> str:
     """Tar shards DATA -> the ``.beton`` ``out``: every sample in index order, its tar shard
     its unit, its image bytes as they are. Written to ``out.partial`` and renamed when whole.
     """
-    try:
-        from ffcv.fields import BytesField, IntField
-        from ffcv.writer import DatasetWriter
-    except ImportError as e:
-        raise KdcacheError(
-            f"--to ffcv needs the ffcv extra (pip install 'kdcache[ffcv]'): {e}"
-        ) from None
+    fields_module = import_ffcv("fields", "--to ffcv")
+    BytesField, IntField = fields_module.BytesField, fields_module.IntField  # noqa: N806
+    DatasetWriter = import_ffcv("writer", "--to ffcv").DatasetWriter  # noqa: N806
     from kdcache.data.index import load_index
 
     index = load_index(data)
