@@ -292,6 +292,7 @@ def evaluate_saved(
     hard = run.get("teacher_mode") == "none" or (not run and t is None)
     label_map = label_map or run.get("label_map")
     basis, mapping = accuracy_basis(hard, model.num_classes, index.num_classes, index, label_map)
+    render = get_renderer(renderer or run.get("renderer") or "pillow")
     scores = evaluate(
         prepare_model(model.module, dev, eval_mode=True),
         index,
@@ -304,7 +305,7 @@ def evaluate_saved(
         teacher_input=t.convention if t else IMAGENET,
         basis=basis,
         label_map=mapping,
-        renderer=get_renderer(renderer or run.get("renderer") or "pillow"),
+        renderer=render,
     )
     if retrieval:
         from kdcache.train.retrieval import retrieval_scores
@@ -325,6 +326,7 @@ def evaluate_saved(
                 workers,
                 model.convention,
                 None if database else run.get("limit"),
+                render,
             )
         )
     return {"model": model_spec, "weights": weights, "samples": index.num_samples, **scores}

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from kdcache import pixels
 from kdcache.data.index import DatasetIndex
 from kdcache.features import embedding_layer
-from kdcache.render import IMAGENET, InputConvention
+from kdcache.render import IMAGENET, PILLOW, InputConvention, Renderer
 from kdcache.runtime import autocast, loader_kwargs
 from kdcache.train.evaluate import eval_batches
 
@@ -38,6 +38,7 @@ def embed(
     workers: int = 0,
     student_input: InputConvention = IMAGENET,
     limit: int | None = None,
+    renderer: Renderer = PILLOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (N, D) float32 embeddings on CPU and (N,) int64 labels (-1: none) of the first
     ``limit`` samples (all when None), center views, in index order."""
@@ -47,7 +48,7 @@ def embed(
     )
     was_training = model.training
     model.eval()
-    batches = eval_batches(index, image_size, student_input=student_input)
+    batches = eval_batches(index, image_size, student_input=student_input, renderer=renderer)
     n = min(index.num_samples, limit or index.num_samples)
     wanted = [b for b, rows in enumerate(batches.s.batches) if len(rows) and rows[0] < n]
     loader = DataLoader(
@@ -137,12 +138,16 @@ def retrieval_scores(
     workers: int = 0,
     student_input: InputConvention = IMAGENET,
     database_limit: int | None = None,
+    renderer: Renderer = PILLOW,
 ) -> dict[str, float | None]:
-    """-> {"retrieval_map_cosine", "retrieval_map_euclidean"} of ``model``."""
+    """-> {"retrieval_map_cosine", "retrieval_map_euclidean"} of ``model`` (center views
+    rendered by ``renderer``)."""
     db, db_labels = embed(
-        model, database, image_size, device, workers, student_input, database_limit
+        model, database, image_size, device, workers, student_input, database_limit, renderer
     )
-    q, q_labels = embed(model, queries, image_size, device, workers, student_input)
+    q, q_labels = embed(
+        model, queries, image_size, device, workers, student_input, renderer=renderer
+    )
     return {
         f"retrieval_map_{metric}": mean_average_precision(db, db_labels, q, q_labels, metric)
         for metric in METRICS

@@ -727,6 +727,7 @@ def _fit(
                         cfg.workers,
                         student_input,
                         cfg.limit,
+                        run.renderer,
                     )
                 )
         metrics = {"epoch": end, **metrics}
