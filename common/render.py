@@ -1,8 +1,11 @@
 """Rendering: realised view parameters + decoded images -> the model's input tensor.
 
-Precompute (the teacher's input) and training (the student's) both call :func:`render_views`;
-with the same parameters, images and size the two tensors are bit-identical, which is what the
-replay tests check. Each side renders at its own resolution from the same source-pixel box.
+Precompute (the teacher's input) and training (the student's) both render through
+:func:`render_8bit` in the workers and :func:`kdcache.pixels.take` on the device; with the same
+parameters, images and size the two tensors are bit-identical, which is what the replay tests
+check. Each side renders at its own resolution from the same source-pixel box.
+:func:`render_views` (:func:`render_raw` + :func:`normalize`) is the same recipe in one call
+on the CPU: the reference the tests hold the two-part path to, bit for bit.
 
 Order of operations, fixed because floating point is not associative:
 crop + resize in one Pillow call on the 8-bit image (bilinear, or what an ``interpolation`` op
@@ -12,8 +15,9 @@ RandAugment, colour jitter, erasing; the partner's with its own parameters) -> s
 float32 -> the mix (mixup ``lam * own + (1 - lam) * partner`` with ``lam`` taken from its
 float16 value; CutMix pastes the partner's box) -> the ops after it, on the float image ->
 normalise with the model's own mean and std (:class:`InputConvention`; teacher and student may
-differ, and the cache records the teacher's). :data:`RENDERER` names this recipe and the cache's
-view spec records every op's version; the trainer refuses a cache made another way.
+differ, and the cache records the teacher's). :data:`RENDERER` names this recipe (a
+:class:`Renderer`; FFCV's decode and resize are another, :mod:`kdcache.ffcv_renderer`) and the
+cache's view spec records every op's version; the trainer refuses a cache made another way.
 """
 
 from __future__ import annotations
