@@ -45,7 +45,10 @@ _JPEG = b"\xff\xd8"
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("ffcv")
+    try:
+        spec = importlib.util.find_spec("ffcv")
+    except (ImportError, ValueError):  # ValueError: a module object without a spec
+        spec = None
     found = glob.glob(os.path.join(os.path.dirname(spec.origin), "_libffcv*.so")) if spec else []
     if not found:
         raise KdcacheError(
