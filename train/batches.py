@@ -174,31 +174,33 @@ class TrainBatches(Dataset):
         ``epochs``, from their units' tables."""
         index = self.s.index
         units = index.units_of(rows)
-        local = rows - np.array([index.units[u].start for u in units], dtype=np.int64)
-        parts = [self._unit(int(u), int(e)) for u, e in zip(units, epochs, strict=True)]
+        starts = np.array([u.start for u in index.units], dtype=np.int64)
+        local = rows - starts[units]
+        # One table per (unit, epoch) of the batch, each read once; rows picked by fancy index.
+        groups, which = np.unique(np.stack([units, epochs], axis=1), axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        parts = [self._unit(int(u), int(e)) for u, e in groups]
+        at = [np.flatnonzero(which == g) for g in range(len(groups))]
 
-        def pick(k: int, name: str) -> np.ndarray:
-            return np.stack([getattr(p[k], name)[j] for p, j in zip(parts, local, strict=True)])
+        def pick(arrays: list[np.ndarray]) -> np.ndarray:
+            out = np.empty((len(rows), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+            for a, where in zip(arrays, at, strict=True):
+                out[where] = a[local[where]]
+            return out
 
         def gather(k: int) -> Views:
             first = parts[0][k]
             return Views(
-                **{f: pick(k, f) for f in schema.VIEW_FIELDS},
-                ops={
-                    name: np.stack([p[k].ops[name][j] for p, j in zip(parts, local, strict=True)])
-                    for name in first.ops
-                },
+                **{f: pick([getattr(p[k], f) for p in parts]) for f in schema.VIEW_FIELDS},
+                ops={name: pick([p[k].ops[name] for p in parts]) for name in first.ops},
                 spec=first.spec,
             )
 
         views = gather(0)
-        ok = np.array([p[1][j] for p, j in zip(parts, local, strict=True)], dtype=bool)
+        ok = pick([np.asarray(p[1], dtype=bool) for p in parts])
         targets = {}
         if parts[0][2]:
-            targets = {
-                name: np.stack([p[2][name][j] for p, j in zip(parts, local, strict=True)])
-                for name in parts[0][2]
-            }
+            targets = {name: pick([p[2][name] for p in parts]) for name in parts[0][2]}
         teacher_views = None
         if self.s.teacher_stream is not None:
             teacher_views = gather(3)
