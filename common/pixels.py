@@ -28,6 +28,7 @@ on the device (:func:`kdcache.render.renders_8bit` says which).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -88,9 +89,9 @@ def take(
     ``item`` is not changed: the same pixels can be taken again with another convention."""
     device = torch.device(device)
     partner, blend, lam = _keys(name)
+    scale, mean, std = _constants(convention.mean, convention.std, device)
     x = item[name].to(device, non_blocking=True)
     if x.dtype == torch.uint8:
-        scale = torch.full((3,), 255.0, device=device)
         x = x.float().div_(scale)
         if len(item[blend]):
             rows = item[blend].to(device, non_blocking=True)
@@ -99,10 +100,22 @@ def take(
             x[rows] = x[rows] * w + y * (1.0 - w)
     else:
         x = x.clone()  # the shipped floats stay as they were
-    x.sub_(torch.tensor(convention.mean, dtype=torch.float32, device=device))
-    x.div_(torch.tensor(convention.std, dtype=torch.float32, device=device))
+    x.sub_(mean).div_(std)
     x = x.permute(0, 3, 1, 2)
     return x if device.type == "cuda" else x.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(255, mean, std) as (3,) float32 tensors on ``device``, made once: a tensor built from
+    a list on CUDA is a copy from pageable memory, which waits for the stream, every batch."""
+    return (
+        torch.full((3,), 255.0, device=device),
+        torch.tensor(mean, dtype=torch.float32, device=device),
+        torch.tensor(std, dtype=torch.float32, device=device),
+    )
 
 
 def teacher_name(item: Mapping) -> str:
