@@ -93,8 +93,8 @@ class TrainBatches(Dataset):
         images, failed = self._reader.decode(needed_images(rows[ok], views.partner[ok]))
         student_filter = s.spec.resample("student", s.student_input.interpolation)
         teacher_filter = s.spec.resample("teacher", s.teacher_input.interpolation)
-        item = self.assemble(rows, views, ok, targets, failed)
-        ok = self._usable(rows, views, ok, failed)
+        ok = self.usable(rows, views, ok, failed)
+        item = self.assemble(rows, views, ok, targets)
         rows, views = rows[ok], views.take(ok)
         pixels.ship(item, "pixels", views, rows, images, s.image_size, student_filter, s.renderer)
         teacher_size = s.teacher_image_size or s.image_size
@@ -127,9 +127,11 @@ class TrainBatches(Dataset):
         return self._gather(rows, epochs)
 
     @staticmethod
-    def _usable(
+    def usable(
         rows: np.ndarray, views: Views, ok: np.ndarray, failed: dict[int, int]
     ) -> np.ndarray:
+        """``ok`` (:meth:`gather`'s) narrowed by the images that did not decode ({global index:
+        status}), by precompute's rule (:func:`kdcache.units.row_status`)."""
         if failed:  # precompute's rule (row_status); without failures it changes nothing here
             return ok & (row_status(rows, views.partner, views.box, failed) == schema.OK)
         return ok
@@ -140,15 +142,13 @@ class TrainBatches(Dataset):
         views: Views,
         ok: np.ndarray,
         targets: dict[str, np.ndarray],
-        failed: dict[int, int],
         crops: torch.Tensor | None = None,
     ) -> dict:
-        """A batch from its :meth:`gather` parts and the images that did not decode: its
-        usable rows, their labels, lam, cached targets and ``skipped``; with ``crops``
-        ((B, 2, S, S, 3) uint8, each row's own and partner crop, made by FFCV's loader:
+        """A batch from its :meth:`gather` parts and its :meth:`usable` mask ``ok``: its usable
+        rows, their labels, lam, cached targets and ``skipped``; with ``crops`` ((B, 2, S, S, 3)
+        uint8, every row's own and partner crop, made by FFCV's loader:
         :mod:`kdcache.train.ffcv_loader`) also its pixels, mixed as :func:`pixels.ship` does."""
         s = self.s
-        ok = self._usable(rows, views, ok, failed)
         skipped = int((~ok).sum())
         rows, views = rows[ok], views.take(ok)
         partner = np.where(views.partner >= 0, views.partner, rows)

@@ -245,7 +245,8 @@ class PlanLoader:
             (crops,) = next(it)
             needed = np.union1d(b, self.table.rows[b, _PARTNER])
             needed = needed[needed >= 0]
-            failed = {int(i): int(self.table.failed[i]) for i in needed if self.table.failed[i]}
+            bad = needed[self.table.failed[needed] != 0]
+            failed = dict(zip(bad.tolist(), self.table.failed[bad].tolist(), strict=True))
             yield torch.as_tensor(crops)[: len(b)], failed
 
     def close(self) -> None:
@@ -283,7 +284,7 @@ class FfcvEpochs:
         ):
             if crops is None:
                 crops = torch.zeros(0, 2, self.size, self.size, 3, dtype=torch.uint8)
-            yield data.assemble(b, v, ok, targets, failed, crops)
+            yield data.assemble(b, v, data.usable(b, v, ok, failed), targets, crops)
 
     def close(self) -> None:
         if self.loader is not None:
