@@ -99,6 +99,9 @@ def test_the_ffcv_loader_says_what_it_needs(betons, jpegs, tmp_path):  # noqa: F
     with pytest.raises(KdcacheError, match="drop --views-per-decode"):
         fit(small_run(*betons, tmp_path / "b", loader="ffcv", renderer="ffcv",
                       views_per_decode=2, epochs=2))  # fmt: skip
+    with pytest.raises(KdcacheError, match="ops after their mixing op: put the flip before"):
+        fit(small_run(*betons, tmp_path / "c", loader="ffcv", renderer="ffcv",
+                      views="inception_crop|mixup|flip", image_size=SIZE))  # fmt: skip
     assert np.all(load_index(betons[0]).size > 0)
 
 

@@ -48,6 +48,20 @@ _COLUMNS = 16
 _PARTNER = 8
 
 
+def unsupported(spec: Any) -> str | None:
+    """Why the decoder cannot replay views ``spec`` (None: it can). It crops, flips the crop
+    and leaves the mix to :func:`kdcache.render.mix_8bit`: a pipeline with an op after its
+    mixing op (a flip after ``mixup`` flips the mixed image) is not that."""
+    from kdcache.render import renders_8bit
+
+    if renders_8bit(spec):
+        return None
+    return (
+        f"its decoder flips each crop before the mix, and views {spec.spec!r} have ops after "
+        "their mixing op: put the flip before the mix, or use --loader torch"
+    )
+
+
 def _void_pointer() -> Any:
     """A numba intrinsic: an integer address -> ``void*`` (for ``numba.carray``)."""
     from numba.core import cgutils, types
@@ -272,6 +286,9 @@ class FfcvEpochs:
 
     def items(self, data: Any) -> Iterator[dict]:
         """The batches of ``data`` (a TrainBatches), in order."""
+        why = unsupported(data.s.spec)
+        if why:
+            raise KdcacheError(f"--loader ffcv: {why}")
         batches = [np.asarray(b, dtype=np.int64) for b in data.s.batches]
         parts = [data.gather(b) for b in range(len(batches))]
         used = [(b, p[0]) for b, p in zip(batches, parts, strict=True) if len(b)]

@@ -939,9 +939,12 @@ def _ffcv(cfg: TrainConfig, run: _Run) -> Any:
             "it renders one view per row at one size: a live teacher on its own views or at "
             "another size needs --loader torch"
         )
+    from kdcache.train.ffcv_loader import FfcvEpochs, unsupported
+
+    if why := unsupported(run.spec):
+        problems.append(why)
     if problems:
         raise KdcacheError("--loader ffcv: " + "; ".join(problems))
-    from kdcache.train.ffcv_loader import FfcvEpochs
 
     return FfcvEpochs(cfg.data, run.index.size, run.image_size, cfg.workers)
 
