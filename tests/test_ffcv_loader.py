@@ -118,3 +118,18 @@ def test_torchrun_with_the_ffcv_loader_trains_the_dataloaders_steps(betons, beto
     a, b = read_steps(tmp_path / "torch"), read_steps(tmp_path / "ffcv")
     assert len(a) == len(b) > 0
     assert [s["loss"] for s in a] == [s["loss"] for s in b]
+
+
+def test_a_dead_ffcv_thread_is_an_error_not_a_hang():
+    import queue
+
+    from kdcache.train.ffcv_loader import _next
+
+    class Dead:  # an epoch iterator whose thread died before queueing its batch
+        output_queue: queue.Queue = queue.Queue()
+
+        def is_alive(self) -> bool:
+            return False
+
+    with pytest.raises(KdcacheError, match="FFCV's loader thread stopped"):
+        _next(Dead())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -256,7 +257,7 @@ class PlanLoader:
             if not len(b):
                 yield None, {}
                 continue
-            (crops,) = next(it)
+            (crops,) = _next(it)
             needed = np.union1d(b, self.table.rows[b, _PARTNER])
             needed = needed[needed >= 0]
             bad = needed[self.table.failed[needed] != 0]
@@ -272,6 +273,20 @@ class PlanLoader:
         ffcv_loader.ORDER_MAP.pop(self.key, None)
         self.loader = None
         gc.collect()
+
+
+def _next(it: Any) -> Any:
+    """The next batch of FFCV's epoch iterator ``it``. FFCV decodes in a thread of its own,
+    and an error there ends that thread with the batch never queued, so ``next(it)`` would
+    wait for ever: wait here while the thread lives, and say so when it does not."""
+    while it.output_queue.empty():
+        if not it.is_alive() and it.output_queue.empty():
+            raise KdcacheError(
+                "FFCV's loader thread stopped before the epoch's last batch (its error is "
+                "printed above); train with --loader torch to go on, and report it"
+            )
+        time.sleep(0.0005)
+    return next(it)
 
 
 class FfcvEpochs:
